@@ -48,7 +48,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "llama3" | "linear", ...}
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2 (and Llama checkpoints with attention_bias=true)
+    qkv_bias: bool = False  # Qwen2 (bias on q/k/v only; o_proj never has one)
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     sliding_window: int | None = None  # only set when the model really uses one
     torch_dtype: str = "bfloat16"
@@ -135,6 +135,11 @@ class ModelConfig:
             raise UnsupportedModelError(f"hidden_act={act!r} is not supported (only 'silu')")
         if cfg.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=true is not supported")
+        if cfg.get("attention_bias") and family in ("llama", "qwen3"):
+            # transformers puts that bias on o_proj too, which the kernel does not add.
+            raise UnsupportedModelError(
+                "attention_bias=true is not supported (it adds a bias to o_proj as well as q/k/v)"
+            )
         if cfg.get("pretraining_tp", 1) not in (1, None):
             raise UnsupportedModelError(f"pretraining_tp={cfg['pretraining_tp']} is not supported")
         heads = int(cfg["num_attention_heads"])
@@ -155,7 +160,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qkv_bias=family == "qwen2",  # Mistral and Qwen2 ignore attention_bias
             qk_norm=family == "qwen3",
             sliding_window=_sliding_window_of(family, cfg),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
@@ -215,7 +220,8 @@ def _rope_of(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         )
     if rope_type == "default":
         return theta, None
-    for key in ("factor",) + (("original_max_position_embeddings",) if rope_type == "llama3" else ()):
+    needed = ["factor"] + (["original_max_position_embeddings"] if rope_type == "llama3" else [])
+    for key in needed:
         if key not in merged:
             raise UnsupportedModelError(f"rope_scaling of type {rope_type!r} has no {key!r}")
     return theta, {"rope_type": rope_type, **merged}
