@@ -1,0 +1,422 @@
+"""The persistent decode-step kernel: one launch runs every layer of one decode step.
+
+Each program pops task ids from a global atomic queue until the table is empty. A task first
+issues the load of its first weight chunk, then spin-waits (acquire) on its producer counter,
+so weights of the next stage stream while the current one finishes; after its stores it
+signals its own counter (barrier + release). The table (plan.py) is topologically ordered,
+so a single program can run it alone, which is how the Triton interpreter runs it.
+
+No reset launch: the last program to leave zeroes the queue and every counter, so the next
+launch (or CUDA-graph replay) starts clean. Spin-waits are bounded: on timeout the task
+records itself in the control block, skips its body and every other waiter bails out.
+
+Buffers (fp32 unless noted; B = plan batch):
+  h [B, D] residual stream; q [B, H*HD]; attn [B, H*HD]; act [B, F]; logits [B, V];
+  part_m/part_l [B, H, NSPLIT], part_o [B, H, NSPLIT, HD] flash-decoding partials;
+  k_cache/v_cache [L, B, KVH, S_MAX, HD] (model dtype); ctrl int32 [8]; counters int32.
+The plain-torch statement of the same maths is flashformer_triton.reference.
+"""
+
+import triton
+import triton.language as tl
+
+# Opcodes and task-row columns (plan.Op / plan.TASK_FIELDS).
+OP_EMBED = tl.constexpr(0)
+OP_QKV = tl.constexpr(1)
+OP_ATTN = tl.constexpr(2)
+OP_MERGE = tl.constexpr(3)
+OP_OPROJ = tl.constexpr(4)
+OP_GATEUP = tl.constexpr(5)
+OP_DOWN = tl.constexpr(6)
+OP_LMHEAD = tl.constexpr(7)
+TASK_COLS = tl.constexpr(8)
+
+# Control block slots (runtime.CTRL_*).
+CTRL_QUEUE = tl.constexpr(0)
+CTRL_DONE = tl.constexpr(1)
+CTRL_ERR_TASK = tl.constexpr(2)  # 1 + id of the first task that timed out, 0 when fine
+CTRL_ERR_COUNTER = tl.constexpr(3)
+CTRL_ERR_SEEN = tl.constexpr(4)
+
+
+# ---------------------------------------------------------------- dependency protocol
+
+
+@triton.jit
+def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin):
+    """Spin (acquire) until counters[counter] >= target; False on timeout or on another
+    task's failure. counter < 0 means no dependency."""
+    need = tl.where(counter >= 0, target, 0)
+    ptr = counters_ptr + tl.maximum(counter, 0)
+    seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+    spins = max_spin * 0
+    failed = spins
+    while (seen < need) & (spins < max_spin) & (failed == 0):
+        seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+        failed = tl.load(ctrl_ptr + CTRL_ERR_TASK, volatile=True)
+        spins += 1
+    ok = seen >= need
+    if seen < need:
+        first = tl.atomic_cas(ctrl_ptr + CTRL_ERR_TASK, 0, task_id + 1)
+        if first == 0:
+            tl.store(ctrl_ptr + CTRL_ERR_COUNTER, counter)
+            tl.store(ctrl_ptr + CTRL_ERR_SEEN, seen)
+    return ok
+
+
+@triton.jit
+def _signal(counters_ptr, counter):
+    """Publish this task's stores: every thread's writes, then one release increment."""
+    tl.debug_barrier()
+    if counter >= 0:
+        tl.atomic_add(counters_ptr + counter, 1, sem="release", scope="gpu")
+
+
+# ---------------------------------------------------------------- GEMV building blocks
+
+
+@triton.jit
+def _load_w(w_ptr, rows, row_mask, K, k0, BK: tl.constexpr):
+    """A [rows, BK] chunk of a row-major weight matrix with K columns (read once: evict first)."""
+    kk = k0 + tl.arange(0, BK)
+    mask = row_mask[:, None] & (kk[None, :] < K)
+    return tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=mask, other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    """a @ b in fp32 from operands already rounded to the storage dtype.
+
+    DOT_PREC "upcast" (set only under the Triton interpreter, whose bf16 dot is wrong) does
+    the product in fp32: bf16 x bf16 products are exact in fp32, so the maths is the GPU's."""
+    if DOT_PREC == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=DOT_PREC)
+    return out
+
+
+@triton.jit
+def _mv(w, x, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """x [BP, BK] fp32 times w [BN, BK]^T -> [BP, BN] fp32."""
+    if USE_DOT:
+        out = _dot(x.to(w.dtype), tl.trans(w), DOT_PREC)
+    else:
+        out = tl.sum(w[None, :, :].to(tl.float32) * x[:, None, :], axis=2)
+    return out
+
+
+@triton.jit
+def _gemv(w_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
+          B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc[b, n] = sum_k W[rows[n], k] * x[b, k] (* norm[k]) with the first chunk already
+    loaded; the next chunk's load is issued before the current chunk's maths. Also returns
+    sum_k x[b, k]^2 so the caller can apply RMSNorm's 1/rms afterwards."""
+    bidx = tl.arange(0, BP)
+    acc = tl.zeros([BP, BN], dtype=tl.float32)
+    sumsq = tl.zeros([BP], dtype=tl.float32)
+    w_cur = w_first
+    for k0 in range(0, K, BK):
+        w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK)
+        kk = k0 + tl.arange(0, BK)
+        xmask = (bidx[:, None] < B) & (kk[None, :] < K)
+        x = tl.load(x_ptr + bidx[:, None] * K + kk[None, :], mask=xmask, other=0.0,
+                    cache_modifier=".cg")
+        if NORM:
+            sumsq += tl.sum(x * x, axis=1)
+            x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0)[None, :]
+        acc += _mv(w_cur, x, USE_DOT, DOT_PREC)
+        w_cur = w_next
+    return acc, sumsq
+
+
+@triton.jit
+def _add_rows(h_ptr, rows, row_mask, delta, B: tl.constexpr, BP: tl.constexpr,
+              D: tl.constexpr):
+    """Residual: h[b, rows] += delta (each row has exactly one writer per stage)."""
+    bidx = tl.arange(0, BP)
+    mask = (bidx[:, None] < B) & row_mask[None, :]
+    ptrs = h_ptr + bidx[:, None] * D + rows[None, :]
+    old = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptrs, old + delta, mask=mask)
+
+
+# ---------------------------------------------------------------- task bodies
+
+
+@triton.jit
+def _embed(ids_ptr, embed_ptr, h_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr,
+           BK: tl.constexpr):
+    bidx = tl.arange(0, BP)
+    ids = tl.load(ids_ptr + bidx, mask=bidx < B, other=0).to(tl.int64)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        mask = (bidx[:, None] < B) & (kk[None, :] < D)
+        row = tl.load(embed_ptr + ids[:, None] * D + kk[None, :], mask=mask, other=0.0)
+        tl.store(h_ptr + bidx[:, None] * D + kk[None, :], row.to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _qkv(layer, head, chunk, w_first, arena_ptr, norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
+         h_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+         B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
+         KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr, EPS: tl.constexpr,
+         LAYER_STRIDE: tl.constexpr, NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr,
+         BK_QKV: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+         QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr):
+    """RMSNorm + BN_QKV pair-ordered rows of one head, then bias, qk-norm, RoPE and the store
+    to q (query heads) or to the KV cache at each sequence's position (key/value heads)."""
+    PAIRS: tl.constexpr = BN_QKV // 2
+    HALF: tl.constexpr = HD // 2
+    QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
+    rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
+    row_mask = rows < QKV_ROWS
+    w_ptr = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
+    nbase = norms_ptr + layer * NORM_STRIDE
+    acc, sumsq = _gemv(w_ptr, rows, row_mask, D, w_first, h_ptr, nbase, B, BP, BN_QKV, BK_QKV,
+                       True, USE_DOT, DOT_PREC)
+    acc = acc * tl.rsqrt(sumsq / D + EPS)[:, None]
+    if QKV_BIAS:
+        acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
+    # Rows come in rotary pairs (d, d + HD/2): split them into the two halves.
+    x1, x2 = tl.split(tl.reshape(acc, [BP, PAIRS, 2]))
+    dims = chunk * PAIRS + tl.arange(0, PAIRS)
+    is_q = head < H
+    is_v = head >= H + KVH
+    if QK_NORM:  # whole head in this task (plan guarantees BN_QKV == HD)
+        rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HD + EPS)
+        gbase = nbase + 2 * D + tl.where(is_q, 0, HD)
+        g1 = tl.load(gbase + dims)
+        g2 = tl.load(gbase + HALF + dims)
+        x1 = tl.where(is_v, x1, x1 * rms[:, None] * g1[None, :])
+        x2 = tl.where(is_v, x2, x2 * rms[:, None] * g2[None, :])
+    bidx = tl.arange(0, BP)
+    bmask = bidx < B
+    pos = tl.load(pos_ptr + bidx, mask=bmask, other=0)
+    angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + dims)[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    r1 = x1 * cos - x2 * sin
+    r2 = x2 * cos + x1 * sin
+    x1 = tl.where(is_v, x1, r1)
+    x2 = tl.where(is_v, x2, r2)
+    smask = bmask[:, None] & (dims[None, :] < HALF)
+    if is_q:
+        qrow = q_ptr + bidx[:, None] * (H * HD) + head * HD
+        tl.store(qrow + dims[None, :], x1, mask=smask)
+        tl.store(qrow + HALF + dims[None, :], x2, mask=smask)
+    else:
+        kvh = head - H - tl.where(is_v, KVH, 0)
+        slot = ((layer.to(tl.int64) * B + bidx) * KVH + kvh) * S_MAX + pos
+        cmask = smask & (pos < S_MAX)[:, None]
+        if is_v:
+            crow = v_cache_ptr + slot[:, None] * HD
+            tl.store(crow + dims[None, :], x1.to(v_cache_ptr.dtype.element_ty), mask=cmask)
+            tl.store(crow + HALF + dims[None, :], x2.to(v_cache_ptr.dtype.element_ty),
+                     mask=cmask)
+        else:
+            crow = k_cache_ptr + slot[:, None] * HD
+            tl.store(crow + dims[None, :], x1.to(k_cache_ptr.dtype.element_ty), mask=cmask)
+            tl.store(crow + HALF + dims[None, :], x2.to(k_cache_ptr.dtype.element_ty),
+                     mask=cmask)
+
+
+@triton.jit
+def _attn_partial(layer, seq, kvh, split, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                  part_m_ptr, part_l_ptr, part_o_ptr,
+                  B: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
+                  S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
+                  SM_SCALE: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Flash-decoding: the query heads of one kv group against one split of the cache
+    (positions 0..pos of this sequence, split in NSPLIT runs of whole BS blocks)."""
+    G: tl.constexpr = H // KVH
+    n_ctx = tl.minimum(tl.load(pos_ptr + seq) + 1, S_MAX)
+    per_split = tl.cdiv(tl.cdiv(n_ctx, NSPLIT), BS) * BS
+    start = split * per_split
+    end = tl.minimum(start + per_split, n_ctx)
+    g = tl.arange(0, GP)
+    d = tl.arange(0, HD)
+    heads = kvh * G + g
+    gmask = g < G
+    q = tl.load(q_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :], mask=gmask[:, None],
+                other=0.0, cache_modifier=".cg")
+    q = q * SM_SCALE
+    m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, HD], dtype=tl.float32)
+    base = ((layer.to(tl.int64) * B + seq) * KVH + kvh) * S_MAX * HD
+    for s0 in range(start, end, BS):
+        s = s0 + tl.arange(0, BS)
+        smask = s < end
+        offs = base + s[:, None] * HD + d[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=smask[:, None], other=0.0, cache_modifier=".cg")
+        v = tl.load(v_cache_ptr + offs, mask=smask[:, None], other=0.0, cache_modifier=".cg")
+        scores = _dot(q.to(k.dtype), tl.trans(k), DOT_PREC)
+        scores = tl.where(smask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
+        m = m_new
+    row = (seq * H + heads) * NSPLIT + split
+    tl.store(part_m_ptr + row, m, mask=gmask)
+    tl.store(part_l_ptr + row, l, mask=gmask)
+    tl.store(part_o_ptr + row[:, None] * HD + d[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
+                H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr,
+                NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr):
+    """Combine the splits in a fixed order (deterministic) into attn[seq, heads of kvh]."""
+    G: tl.constexpr = H // KVH
+    g = tl.arange(0, GP)
+    d = tl.arange(0, HD)
+    sp = tl.arange(0, NSPLIT_P)
+    heads = kvh * G + g
+    gmask = g < G
+    rows = (seq * H + heads) * NSPLIT
+    mask2 = gmask[:, None] & (sp[None, :] < NSPLIT)
+    ms = tl.load(part_m_ptr + rows[:, None] + sp[None, :], mask=mask2, other=float("-inf"),
+                 cache_modifier=".cg")
+    ls = tl.load(part_l_ptr + rows[:, None] + sp[None, :], mask=mask2, other=0.0,
+                 cache_modifier=".cg")
+    m_all = tl.where(gmask, tl.max(ms, axis=1), 0.0)
+    denom = tl.sum(tl.exp(ms - m_all[:, None]) * ls, axis=1)
+    acc = tl.zeros([GP, HD], dtype=tl.float32)
+    for s in range(NSPLIT):
+        m_s = tl.load(part_m_ptr + rows + s, mask=gmask, other=float("-inf"),
+                      cache_modifier=".cg")
+        o_s = tl.load(part_o_ptr + (rows + s)[:, None] * HD + d[None, :], mask=gmask[:, None],
+                      other=0.0, cache_modifier=".cg")
+        acc += o_s * tl.exp(m_s - m_all)[:, None]
+    out = acc / tl.where(gmask, denom, 1.0)[:, None]
+    tl.store(attn_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :], out,
+             mask=gmask[:, None])
+
+
+# ---------------------------------------------------------------- the persistent kernel
+
+
+@triton.jit(do_not_specialize=["n_tasks", "n_counters", "max_spin"])
+def decode_step_kernel(
+    tasks_ptr, n_tasks, ctrl_ptr, counters_ptr, n_counters, max_spin,
+    ids_ptr, pos_ptr,
+    arena_ptr, norms_ptr, bias_ptr, embed_ptr, lm_head_ptr, inv_freq_ptr,
+    k_cache_ptr, v_cache_ptr,
+    h_ptr, q_ptr, attn_ptr, act_ptr, logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr,
+    B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
+    KVH: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
+    EPS: tl.constexpr, SM_SCALE: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+    BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
+    BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
+    QK_NORM: tl.constexpr,
+):
+    Q: tl.constexpr = H * HD
+    QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
+    OFF_O: tl.constexpr = QKV_ROWS * D
+    OFF_GU: tl.constexpr = OFF_O + D * Q
+    OFF_DOWN: tl.constexpr = OFF_GU + 2 * F * D
+
+    task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)
+    while task < n_tasks:
+        row = tasks_ptr + task * TASK_COLS
+        op = tl.load(row + 0)
+        layer = tl.load(row + 1)
+        a = tl.load(row + 2)
+        b = tl.load(row + 3)
+        c = tl.load(row + 4)
+        wait_ctr = tl.load(row + 5)
+        wait_target = tl.load(row + 6)
+        signal_ctr = tl.load(row + 7)
+        layer_w = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
+
+        if op == OP_QKV:
+            rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
+            w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV)
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                _qkv(layer, a, b, w0_qkv, arena_ptr, norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
+                     h_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
+                     LAYER_STRIDE, NORM_STRIDE, BN_QKV, BK_QKV, USE_DOT, DOT_PREC, QKV_BIAS,
+                     QK_NORM)
+                _signal(counters_ptr, signal_ctr)
+        elif op == OP_ATTN:
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                _attn_partial(layer, a, b, c, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                              part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
+                              NSPLIT, SM_SCALE, BS, DOT_PREC)
+                _signal(counters_ptr, signal_ctr)
+        elif op == OP_MERGE:
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH, HD, GP,
+                            NSPLIT, NSPLIT_P)
+                _signal(counters_ptr, signal_ctr)
+        elif op == OP_OPROJ:
+            rows_o = a * BN_O + tl.arange(0, BN_O)
+            w_o = layer_w + OFF_O
+            w0_o = _load_w(w_o, rows_o, rows_o < D, Q, 0, BK)
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                acc_o, _ = _gemv(w_o, rows_o, rows_o < D, Q, w0_o, attn_ptr, norms_ptr, B, BP,
+                                 BN_O, BK, False, USE_DOT, DOT_PREC)
+                _add_rows(h_ptr, rows_o, rows_o < D, acc_o, B, BP, D)
+                _signal(counters_ptr, signal_ctr)
+        elif op == OP_GATEUP:
+            # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
+            j = tl.arange(0, 2 * BN_UP)
+            f_rows = a * BN_UP + j // 2
+            rows_gu = f_rows + (j % 2) * F
+            w_gu = layer_w + OFF_GU
+            w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK)
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                acc_gu, sumsq_gu = _gemv(w_gu, rows_gu, f_rows < F, D, w0_gu, h_ptr,
+                                         norms_ptr + layer * NORM_STRIDE + D, B, BP, 2 * BN_UP,
+                                         BK, True, USE_DOT, DOT_PREC)
+                acc_gu = acc_gu * tl.rsqrt(sumsq_gu / D + EPS)[:, None]
+                gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
+                act = gate / (1.0 + tl.exp(-gate)) * up
+                b_gu = tl.arange(0, BP)
+                cols_gu = a * BN_UP + tl.arange(0, BN_UP)
+                tl.store(act_ptr + b_gu[:, None] * F + cols_gu[None, :], act,
+                         mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
+                _signal(counters_ptr, signal_ctr)
+        elif op == OP_DOWN:
+            rows_d = a * BN_DOWN + tl.arange(0, BN_DOWN)
+            w_d = layer_w + OFF_DOWN
+            w0_d = _load_w(w_d, rows_d, rows_d < D, F, 0, BK)
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                acc_d, _ = _gemv(w_d, rows_d, rows_d < D, F, w0_d, act_ptr, norms_ptr, B, BP,
+                                 BN_DOWN, BK, False, USE_DOT, DOT_PREC)
+                _add_rows(h_ptr, rows_d, rows_d < D, acc_d, B, BP, D)
+                _signal(counters_ptr, signal_ctr)
+        elif op == OP_LMHEAD:
+            rows_lm = a * BN_LM + tl.arange(0, BN_LM)
+            w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK)
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                acc_lm, sumsq_lm = _gemv(lm_head_ptr, rows_lm, rows_lm < V, D, w0_lm, h_ptr,
+                                         norms_ptr + L * NORM_STRIDE, B, BP, BN_LM, BK, True,
+                                         USE_DOT, DOT_PREC)
+                acc_lm = acc_lm * tl.rsqrt(sumsq_lm / D + EPS)[:, None]
+                b_lm = tl.arange(0, BP)
+                tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
+                         mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))
+                _signal(counters_ptr, signal_ctr)
+        else:  # OP_EMBED
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+                _embed(ids_ptr, embed_ptr, h_ptr, B, BP, D, BK)
+                _signal(counters_ptr, signal_ctr)
+        task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)
+
+    # The last program out leaves the queue and counters at zero for the next launch.
+    leaving = tl.atomic_add(ctrl_ptr + CTRL_DONE, 1, sem="acq_rel", scope="gpu")
+    if leaving == tl.num_programs(0) - 1:
+        for i in range(0, n_counters, 256):
+            idx = i + tl.arange(0, 256)
+            tl.store(counters_ptr + idx, tl.zeros([256], dtype=tl.int32), mask=idx < n_counters)
+        tl.store(ctrl_ptr + CTRL_QUEUE, 0)
+        tl.store(ctrl_ptr + CTRL_DONE, 0)

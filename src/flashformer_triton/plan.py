@@ -1,0 +1,365 @@
+"""The metaprogram: model config + batch + cache length + GPU -> the kernel's task table.
+
+Pure Python, no GPU. The table lists every task of one decode step in a topological order,
+each with the counter it waits on (and the count it waits for) and the counter it signals.
+Because the order is topological, one program alone can run the whole table front to back:
+that is how the Triton interpreter runs it on a CPU.
+
+Per layer the stages are (each a run of independent tasks):
+
+    QKV    rmsnorm + fused QKV rows of one head (+bias, +qk-norm, RoPE, KV-cache append)
+    ATTN   flash-decoding partial over one KV split of one (sequence, kv head)
+    MERGE  combine the splits of one (sequence, kv head) into the attention output
+    OPROJ  O-projection rows + residual
+    GATEUP rmsnorm + gate/up rows + SiLU*mul
+    DOWN   down-projection rows + residual
+
+framed by EMBED before the first layer and LMHEAD (final norm + logits rows) after the last.
+Attention of kv head g starts as soon as the QKV tasks of its group are done (one counter per
+group); every other stage waits for the whole previous stage of its layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+
+import torch
+
+from flashformer_triton.config import ModelConfig, UnsupportedModelError
+from flashformer_triton.weights import ArenaLayout, NormLayout
+
+
+class Op(IntEnum):
+    EMBED = 0
+    QKV = 1
+    ATTN = 2
+    MERGE = 3
+    OPROJ = 4
+    GATEUP = 5
+    DOWN = 6
+    LMHEAD = 7
+
+
+TASK_FIELDS = ("op", "layer", "a", "b", "c", "wait_counter", "wait_target", "signal_counter")
+NO_COUNTER = -1
+
+
+@dataclass(frozen=True)
+class Task:
+    """One row of the table. a/b/c are the tile coordinates, their meaning depends on op:
+    QKV (head, pair chunk, -), ATTN (sequence, kv head, split), MERGE (sequence, kv head, -),
+    OPROJ/GATEUP/DOWN/LMHEAD (row tile, -, -)."""
+
+    op: Op
+    layer: int = 0
+    a: int = 0
+    b: int = 0
+    c: int = 0
+    wait_counter: int = NO_COUNTER
+    wait_target: int = 0
+    signal_counter: int = NO_COUNTER
+
+    def serialize(self) -> list[int]:
+        return [int(getattr(self, name)) for name in TASK_FIELDS]
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch shape: the knobs the autotuner turns."""
+
+    qkv_rows: int = 16  # rows of Wqkv per QKV task (a run of rotary pairs, 2 rows each)
+    o_rows: int = 16
+    gate_up_rows: int = 16  # gate rows (and as many up rows) per GATEUP task
+    down_rows: int = 16
+    lm_rows: int = 32
+    block_k: int = 512  # columns per streamed chunk of a weight tile
+    qkv_block_k: int = 512
+    block_s: int = 64  # KV positions per attention block
+    kv_splits: int = 8  # flash-decoding splits per (sequence, kv head)
+    programs_per_sm: int = 2
+    num_warps: int = 4
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """What the plan needs to know about the chip."""
+
+    name: str
+    num_sms: int
+
+    @classmethod
+    def current(cls, device: torch.device | str | None = None) -> GpuSpec:
+        if device is None or torch.device(device).type != "cuda":
+            return cls(name="cpu (triton interpreter)", num_sms=1)
+        props = torch.cuda.get_device_properties(device)
+        return cls(name=props.name, num_sms=props.multi_processor_count)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpec) -> Tiles:
+    """A reasonable starting point per shape; bench/ tunes from here."""
+    hd = config.head_dim
+    # Qwen3's qk-norm needs the whole head in one task; otherwise 8 rotary pairs a task.
+    qkv_rows = hd if config.qk_norm else min(hd, 16)
+    # Keep a streamed chunk near 8K elements so two chunks in flight stay in registers.
+    qkv_block_k = max(32, min(512, 8192 // qkv_rows))
+    programs = gpu.num_sms * 2
+    splits = _pow2(math.ceil(programs / (batch * config.num_kv_heads)))
+    splits = max(1, min(splits, 64, math.ceil(max_seq_len / 64)))
+    return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits)
+
+
+@dataclass
+class Plan:
+    """The task table and everything the kernel is specialised on."""
+
+    config: ModelConfig
+    batch: int
+    max_seq_len: int
+    dtype: torch.dtype
+    tiles: Tiles
+    gpu: GpuSpec
+    tasks: list[Task]
+    counter_names: list[str]
+    counter_targets: list[int]
+    grid: int
+    weight_elements: dict[Op, int] = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_counters(self) -> int:
+        return len(self.counter_names)
+
+    def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        rows = [t.serialize() for t in self.tasks]
+        return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, len(TASK_FIELDS))
+
+    @property
+    def use_dot(self) -> bool:
+        """Batch > 1 runs the GEMVs as a small matmul on tensor cores (batch padded to 16)."""
+        return self.batch > 1
+
+    @property
+    def batch_pad(self) -> int:
+        return max(16, _pow2(self.batch)) if self.use_dot else 1
+
+    def constexprs(self) -> dict[str, object]:
+        """Compile-time specialisation of the kernel for this model and plan."""
+        c, t = self.config, self.tiles
+        arena, norms = ArenaLayout.of(c), NormLayout.of(c)
+        return {
+            "B": self.batch,
+            "BP": self.batch_pad,
+            "D": c.hidden_size,
+            "F": c.intermediate_size,
+            "H": c.num_heads,
+            "KVH": c.num_kv_heads,
+            "HD": c.head_dim,
+            "V": c.vocab_size,
+            "L": c.num_layers,
+            "S_MAX": self.max_seq_len,
+            "GP": max(16, _pow2(c.group_size)),
+            "NSPLIT": t.kv_splits,
+            "NSPLIT_P": _pow2(t.kv_splits),
+            "EPS": float(c.rms_norm_eps),
+            "SM_SCALE": 1.0 / math.sqrt(c.head_dim),
+            "LAYER_STRIDE": arena.layer_stride,
+            "NORM_STRIDE": norms.layer_stride,
+            "BN_QKV": t.qkv_rows,
+            "BK_QKV": t.qkv_block_k,
+            "BN_O": t.o_rows,
+            "BN_UP": t.gate_up_rows,
+            "BN_DOWN": t.down_rows,
+            "BN_LM": t.lm_rows,
+            "BK": t.block_k,
+            "BS": t.block_s,
+            "USE_DOT": self.use_dot,
+            "DOT_PREC": "ieee" if self.dtype == torch.float32 else "tf32",
+            "QKV_BIAS": c.qkv_bias,
+            "QK_NORM": c.qk_norm,
+        }
+
+    # What one step must read: the floor of a memory-bound step.
+    def weight_bytes(self) -> int:
+        """Bytes of weights the tasks stream, counted from the table itself."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(self.weight_elements.values()) * size
+
+    def kv_bytes(self, positions: list[int] | torch.Tensor) -> int:
+        """KV-cache bytes read (keys and values 0..pos of every layer) plus the new rows."""
+        c = self.config
+        size = torch.empty((), dtype=self.dtype).element_size()
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * size
+        return sum(int(p) + 1 for p in positions) * per_token
+
+    def step_bytes(self, positions: list[int] | torch.Tensor) -> int:
+        return self.weight_bytes() + self.kv_bytes(positions)
+
+    def floor_ms(self, positions: list[int] | torch.Tensor, bandwidth_bytes_per_s: float) -> float:
+        return self.step_bytes(positions) / bandwidth_bytes_per_s * 1e3
+
+    def summary(self) -> str:
+        per_op = Counter(t.op for t in self.tasks)
+        t = self.tiles
+        lines = [
+            f"plan: {self.config.summary()}",
+            f"  batch {self.batch}, max_seq_len {self.max_seq_len}, {self.dtype}, "
+            f"gpu {self.gpu.name} ({self.gpu.num_sms} SMs), grid {self.grid} programs",
+            f"  {self.num_tasks} tasks, {self.num_counters} counters; tasks per op: "
+            + ", ".join(f"{op.name} {per_op[op]}" for op in Op),
+            f"  tiles: qkv {t.qkv_rows}x{t.qkv_block_k}, o {t.o_rows}, gate/up {t.gate_up_rows}, "
+            f"down {t.down_rows}, lm {t.lm_rows}, k-chunk {t.block_k}, kv block {t.block_s}, "
+            f"{t.kv_splits} kv splits, {t.num_warps} warps",
+            f"  weights streamed per step: {self.weight_bytes() / 1e9:.3f} GB; "
+            f"KV per sequence at position 512: {self.kv_bytes([512]) / 1e6:.1f} MB",
+        ]
+        return "\n".join(lines)
+
+
+class _Counters:
+    """Named completion counters; a counter's target is the number of tasks signalling it."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.targets: list[int] = []
+
+    def new(self, name: str) -> int:
+        self.names.append(name)
+        self.targets.append(0)
+        return len(self.names) - 1
+
+    def signal(self, counter: int) -> int:
+        self.targets[counter] += 1
+        return counter
+
+
+def make_plan(
+    config: ModelConfig,
+    *,
+    batch: int = 1,
+    max_seq_len: int = 4096,
+    dtype: torch.dtype = torch.bfloat16,
+    gpu: GpuSpec | None = None,
+    tiles: Tiles | None = None,
+    **tile_overrides: int,
+) -> Plan:
+    """Build the task table of one decode step."""
+    gpu = gpu or GpuSpec.current()
+    _check_supported(config, batch, max_seq_len)
+    tiles = tiles or default_tiles(config, batch, max_seq_len, gpu)
+    tiles = replace(tiles, **tile_overrides)
+    _check_tiles(config, tiles)
+
+    c, t = config, tiles
+    d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    heads = c.num_heads + 2 * c.num_kv_heads
+    ctr = _Counters()
+    tasks: list[Task] = []
+    elements: Counter[Op] = Counter()
+
+    def add(task: Task, *, weights: int = 0) -> None:
+        tasks.append(task)
+        elements[task.op] += weights
+
+    def rows_of(total: int, tile: int) -> list[tuple[int, int]]:
+        return [(i, min(tile, total - i * tile)) for i in range(math.ceil(total / tile))]
+
+    embed_done = ctr.new("embed")
+    add(Task(Op.EMBED, signal_counter=ctr.signal(embed_done)))
+    prev_ctr, prev_target = embed_done, 1
+
+    for layer in range(c.num_layers):
+        group_ctrs = [ctr.new(f"L{layer}.qkv[g{g}]") for g in range(c.num_kv_heads)]
+        for head in range(heads):
+            if head < c.num_heads:
+                group = head // c.group_size
+            else:
+                group = (head - c.num_heads) % c.num_kv_heads
+            for chunk in range(hd // t.qkv_rows):
+                add(
+                    Task(Op.QKV, layer, head, chunk, 0, prev_ctr, prev_target,
+                         ctr.signal(group_ctrs[group])),
+                    weights=t.qkv_rows * d,
+                )
+
+        attn_ctrs = [ctr.new(f"L{layer}.attn[g{g}]") for g in range(c.num_kv_heads)]
+        for seq in range(batch):
+            for g in range(c.num_kv_heads):
+                for split in range(t.kv_splits):
+                    add(Task(Op.ATTN, layer, seq, g, split, group_ctrs[g],
+                             ctr.targets[group_ctrs[g]], ctr.signal(attn_ctrs[g])))
+
+        merged = ctr.new(f"L{layer}.merge")
+        for seq in range(batch):
+            for g in range(c.num_kv_heads):
+                add(Task(Op.MERGE, layer, seq, g, 0, attn_ctrs[g], ctr.targets[attn_ctrs[g]],
+                         ctr.signal(merged)))
+
+        o_done = ctr.new(f"L{layer}.oproj")
+        for tile, rows in rows_of(d, t.o_rows):
+            add(Task(Op.OPROJ, layer, tile, 0, 0, merged, ctr.targets[merged],
+                     ctr.signal(o_done)), weights=rows * c.q_size)
+
+        up_done = ctr.new(f"L{layer}.gateup")
+        for tile, rows in rows_of(f, t.gate_up_rows):
+            add(Task(Op.GATEUP, layer, tile, 0, 0, o_done, ctr.targets[o_done],
+                     ctr.signal(up_done)), weights=2 * rows * d)
+
+        down_done = ctr.new(f"L{layer}.down")
+        for tile, rows in rows_of(d, t.down_rows):
+            add(Task(Op.DOWN, layer, tile, 0, 0, up_done, ctr.targets[up_done],
+                     ctr.signal(down_done)), weights=rows * f)
+        prev_ctr, prev_target = down_done, ctr.targets[down_done]
+
+    logits_done = ctr.new("lmhead")
+    for tile, rows in rows_of(c.vocab_size, t.lm_rows):
+        add(Task(Op.LMHEAD, c.num_layers, tile, 0, 0, prev_ctr, prev_target,
+                 ctr.signal(logits_done)), weights=rows * d)
+
+    grid = gpu.num_sms * t.programs_per_sm if gpu.num_sms > 1 else 2
+    return Plan(
+        config=config, batch=batch, max_seq_len=max_seq_len, dtype=dtype, tiles=tiles, gpu=gpu,
+        tasks=tasks, counter_names=ctr.names, counter_targets=ctr.targets, grid=grid,
+        weight_elements=dict(elements),
+    )
+
+
+def _check_supported(config: ModelConfig, batch: int, max_seq_len: int) -> None:
+    hd = config.head_dim
+    if hd & (hd - 1) or hd < 16:
+        raise UnsupportedModelError(f"head_dim={hd} must be a power of two >= 16 for the kernel")
+    if not 1 <= batch <= 16:
+        raise ValueError(f"batch={batch} is outside the supported range 1..16")
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len={max_seq_len} must be positive")
+    if config.sliding_window is not None and max_seq_len > config.sliding_window:
+        raise UnsupportedModelError(
+            f"sliding_window={config.sliding_window} is in use and max_seq_len={max_seq_len} "
+            f"exceeds it; pass max_seq_len <= {config.sliding_window}"
+        )
+
+
+def _check_tiles(config: ModelConfig, t: Tiles) -> None:
+    def pow2(name: str, value: int, low: int) -> None:
+        if value < low or value & (value - 1):
+            raise ValueError(f"tile {name}={value} must be a power of two >= {low}")
+
+    for name in ("o_rows", "gate_up_rows", "down_rows", "lm_rows", "block_k", "qkv_block_k",
+                 "block_s"):
+        pow2(name, getattr(t, name), 16)
+    pow2("qkv_rows", t.qkv_rows, 2)
+    if config.head_dim % t.qkv_rows:
+        raise ValueError(f"qkv_rows={t.qkv_rows} must divide head_dim={config.head_dim}")
+    if config.qk_norm and t.qkv_rows != config.head_dim:
+        raise ValueError("qk-norm models need qkv_rows == head_dim (the norm spans the head)")
+    if t.kv_splits < 1:
+        raise ValueError(f"kv_splits={t.kv_splits} must be >= 1")

@@ -1,0 +1,151 @@
+"""Launch the persistent decode kernel: buffers, the single launch, the hang check.
+
+Every per-step input (token ids, positions) lives in a device buffer the kernel reads, and
+the kernel leaves its queue and counters at zero when it ends, so `launch()` takes no
+per-step scalars and is safe to capture in a CUDA graph and replay.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from flashformer_triton.config import ModelConfig
+from flashformer_triton.plan import Op, Plan
+from flashformer_triton.weights import PackedWeights
+
+# Control block slots (kernels/decode.py CTRL_*).
+CTRL_QUEUE, CTRL_DONE, CTRL_ERR_TASK, CTRL_ERR_COUNTER, CTRL_ERR_SEEN = range(5)
+CTRL_SIZE = 8
+
+# Spin iterations before a wait is declared hung. On a GPU one iteration is an L2 round trip
+# (~1 us): 2^22 is seconds, far beyond any legitimate wait within one step.
+DEFAULT_MAX_SPIN = 1 << 22
+
+
+class KernelHangError(RuntimeError):
+    """A task waited longer than the spin bound for a counter that never reached its target."""
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_module(device: torch.device):
+    """Import the kernels, switching Triton to its interpreter for CPU tensors."""
+    if device.type == "cpu" and not interpreter_active():
+        import sys
+
+        if "flashformer_triton.kernels.decode" in sys.modules:
+            raise RuntimeError(
+                "the kernels were already compiled for the GPU in this process; set "
+                "TRITON_INTERPRET=1 before importing flashformer_triton to run on the CPU"
+            )
+        os.environ["TRITON_INTERPRET"] = "1"
+        warnings.warn(
+            "running the decode kernel on the CPU through the Triton interpreter (slow; for "
+            "tests and tiny models)",
+            stacklevel=3,
+        )
+    elif device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but CUDA is not available; use 'cpu'")
+    from flashformer_triton.kernels import decode
+
+    return decode
+
+
+class DecodeRuntime:
+    """Owns the kernel's workspaces and runs one decode step per `launch()`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: PackedWeights,
+        plan: Plan,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        max_spin: int = DEFAULT_MAX_SPIN,
+    ) -> None:
+        self.config, self.weights, self.plan = config, weights, plan
+        self.device = weights.arena.device
+        self.kernel = kernel_module(self.device).decode_step_kernel
+        expected = (config.num_layers, plan.batch, config.num_kv_heads, plan.max_seq_len,
+                    config.head_dim)
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if tuple(cache.shape) != expected or cache.dtype != weights.dtype:
+                raise ValueError(
+                    f"{name} has shape {tuple(cache.shape)} and dtype {cache.dtype}; the plan "
+                    f"needs {expected} in {weights.dtype}"
+                )
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.max_spin = int(max_spin)
+
+        c, B, dev = config, plan.batch, self.device
+        f32 = dict(dtype=torch.float32, device=dev)
+        splits = plan.tiles.kv_splits
+        self.tasks = plan.table(dev)
+        self.ctrl = torch.zeros(CTRL_SIZE, dtype=torch.int32, device=dev)
+        self.counters = torch.zeros(max(1, plan.num_counters), dtype=torch.int32, device=dev)
+        self.ids = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.h = torch.empty(B, c.hidden_size, **f32)
+        self.q = torch.empty(B, c.q_size, **f32)
+        self.attn = torch.empty(B, c.q_size, **f32)
+        self.act = torch.empty(B, c.intermediate_size, **f32)
+        self.logits = torch.empty(B, c.vocab_size, **f32)
+        self.part_m = torch.empty(B, c.num_heads, splits, **f32)
+        self.part_l = torch.empty(B, c.num_heads, splits, **f32)
+        self.part_o = torch.empty(B, c.num_heads, splits, c.head_dim, **f32)
+        self._constexprs = plan.constexprs()
+        if self.device.type == "cpu" and weights.dtype != torch.float32:
+            self._constexprs["DOT_PREC"] = "upcast"  # the interpreter's bf16/fp16 dot is wrong
+
+    def workspaces(self) -> dict[str, torch.Tensor]:
+        """The kernel's scratch and output buffers (tests poison them with NaN)."""
+        return {"h": self.h, "q": self.q, "attn": self.attn, "act": self.act,
+                "logits": self.logits, "part_m": self.part_m, "part_l": self.part_l,
+                "part_o": self.part_o}
+
+    def launch(self) -> None:
+        """One decode step from the ids/pos buffers: exactly one kernel launch."""
+        w = self.weights
+        self.kernel[(self.plan.grid,)](
+            self.tasks, self.plan.num_tasks, self.ctrl, self.counters, self.plan.num_counters,
+            self.max_spin, self.ids, self.pos,
+            w.arena, w.norms, w.qkv_bias, w.embed, w.lm_head, w.inv_freq,
+            self.k_cache, self.v_cache,
+            self.h, self.q, self.attn, self.act, self.logits,
+            self.part_m, self.part_l, self.part_o,
+            num_warps=self.plan.tiles.num_warps,
+            **self._constexprs,
+        )
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+        """Decode one token per sequence: ids [B], positions [B] -> logits [B, vocab] (fp32).
+
+        The returned tensor is the runtime's own logits buffer (overwritten next step)."""
+        self.ids.copy_(ids.reshape(-1), non_blocking=True)
+        self.pos.copy_(pos.reshape(-1), non_blocking=True)
+        self.launch()
+        if check:
+            self.check()
+        return self.logits
+
+    def check(self) -> None:
+        """Raise KernelHangError if a spin-wait of the last launch timed out (syncs)."""
+        task, counter, seen = self.ctrl[CTRL_ERR_TASK:CTRL_ERR_SEEN + 1].tolist()
+        if task == 0:
+            return
+        self.ctrl.zero_()
+        self.counters.zero_()
+        t = self.plan.tasks[task - 1]
+        name = self.plan.counter_names[counter] if 0 <= counter < self.plan.num_counters else "?"
+        raise KernelHangError(
+            f"decode kernel gave up waiting: task {task - 1} ({Op(t.op).name}, layer {t.layer}, "
+            f"tile {t.a},{t.b},{t.c}) waited on counter {counter} '{name}' for {t.wait_target} "
+            f"signals but saw {seen} after {self.max_spin} spins. The task table is not "
+            f"topologically ordered or a producer failed; the KV cache of this step is invalid."
+        )
