@@ -17,6 +17,7 @@ def _cuda_available() -> bool:
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
@@ -34,14 +35,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 class HFCheckpoint(NamedTuple):
-    path: str  # directory written by save_pretrained (safetensors)
+    path: Path  # directory written by save_pretrained (safetensors)
     model: torch.nn.Module  # the same model, fp32, eval mode
-    family: str
 
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
-    """Factory: ``hf_checkpoint(family, sharded=False) -> (path, hf_model, family)``.
+    """Factory: ``hf_checkpoint(family, sharded=False) -> (path, hf_model)``.
 
     Builds a tiny random transformers model of a family from ``helpers.FAMILIES``, saves
     it as safetensors (sharded in ~200 KB pieces with an index when ``sharded``) and
@@ -59,7 +59,7 @@ def hf_checkpoint(tmp_path_factory):
             path = tmp_path_factory.mktemp(f"hf-{family}{'-sharded' if sharded else ''}")
             kwargs = {"max_shard_size": "200KB"} if sharded else {}
             model.save_pretrained(str(path), safe_serialization=True, **kwargs)
-            cache[key] = HFCheckpoint(str(path), model, family)
+            cache[key] = HFCheckpoint(path, model)
         return cache[key]
 
     return make

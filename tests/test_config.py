@@ -67,7 +67,7 @@ def test_from_transformers_config(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_from_saved_config_json(family, hf_checkpoint):
-    path, model, _ = hf_checkpoint(family)
+    path, model = hf_checkpoint(family)
     cfg = ModelConfig.from_json(path)
     assert cfg == ModelConfig.from_hf_dict(model.config.to_dict())
     assert cfg == ModelConfig.from_json(f"{path}/config.json")
@@ -208,7 +208,7 @@ def test_rope_inv_freq_matches_transformers(case):
 
 
 def test_rope_inv_freq_matches_saved_model(hf_checkpoint):
-    path, model, _ = hf_checkpoint("llama3_scaled")
+    path, model = hf_checkpoint("llama3_scaled")
     ours = ModelConfig.from_json(path).rope_inv_freq()
     torch.testing.assert_close(ours, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
     # all three llama3 bands occur: kept, blended and slowed by `factor`

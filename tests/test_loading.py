@@ -53,7 +53,7 @@ def rewrite_single_file(path: Path, edit) -> None:
 # Expected tensors.
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_expected_shapes_match_transformers(family, hf_checkpoint):
-    _, model, _ = hf_checkpoint(family)
+    _, model = hf_checkpoint(family)
     cfg = ModelConfig.from_hf_dict(model.config.to_dict())
     want = {k: tuple(v.shape) for k, v in hf_tensors(model).items()}
     assert expected_shapes(cfg) == want
@@ -84,7 +84,7 @@ def test_expected_shapes_real_sizes(name):
 # Loading real transformers checkpoints.
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_load_matches_transformers_fp32(family, hf_checkpoint):
-    path, model, _ = hf_checkpoint(family)
+    path, model = hf_checkpoint(family)
     cfg, tensors = load_checkpoint(path, dtype=torch.float32)
     assert cfg == ModelConfig.from_json(path)
     ref = hf_tensors(model)
@@ -98,7 +98,7 @@ def test_load_matches_transformers_fp32(family, hf_checkpoint):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_load_casts(family, dtype, hf_checkpoint):
-    path, model, _ = hf_checkpoint(family)
+    path, model = hf_checkpoint(family)
     _, tensors = load_checkpoint(path, dtype=DTYPES[dtype])
     ref = hf_tensors(model)
     for name, t in tensors.items():
@@ -107,7 +107,7 @@ def test_load_casts(family, dtype, hf_checkpoint):
 
 
 def test_load_default_dtype_is_bf16_and_strings_accepted(hf_checkpoint):
-    path, _, _ = hf_checkpoint("mistral")
+    path, _ = hf_checkpoint("mistral")
     _, default = load_checkpoint(path)
     _, named = load_checkpoint(path, dtype="bfloat16")
     assert all(t.dtype == torch.bfloat16 for t in default.values())
@@ -115,7 +115,7 @@ def test_load_default_dtype_is_bf16_and_strings_accepted(hf_checkpoint):
 
 
 def test_load_bf16_checkpoint_to_fp32(hf_checkpoint, tmp_path):
-    path, model, _ = hf_checkpoint("qwen2")
+    path, model = hf_checkpoint("qwen2")
     _, bf16 = load_checkpoint(path, dtype=torch.bfloat16)
     out = save_checkpoint(
         tmp_path / "bf16", json.loads(Path(path, "config.json").read_text()), bf16
@@ -128,10 +128,10 @@ def test_load_bf16_checkpoint_to_fp32(hf_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "llama3_scaled", "qwen2"])
 def test_sharded_loads_identically(family, hf_checkpoint):
-    path, _, _ = hf_checkpoint(family, sharded=True)
+    path, _ = hf_checkpoint(family, sharded=True)
     files = sorted(p.name for p in Path(path).glob("*.safetensors"))
     assert len(files) > 1 and (Path(path) / "model.safetensors.index.json").is_file()
-    single_path, _, _ = hf_checkpoint(family)
+    single_path, _ = hf_checkpoint(family)
     cfg1, sharded = load_checkpoint(path, dtype=torch.float32, progress=True)
     cfg2, single = load_checkpoint(single_path, dtype=torch.float32)
     assert cfg1 == cfg2
@@ -140,7 +140,7 @@ def test_sharded_loads_identically(family, hf_checkpoint):
 
 
 def test_tied_embeddings_have_no_lm_head(hf_checkpoint, tmp_path):
-    path, model, _ = hf_checkpoint("llama3_scaled")
+    path, model = hf_checkpoint("llama3_scaled")
     cfg, tensors = load_checkpoint(path, dtype=torch.float32)
     assert cfg.tie_word_embeddings
     assert "lm_head.weight" not in tensors
@@ -170,7 +170,7 @@ def test_tied_single_file_with_lm_head(tmp_path):
 
 
 def test_extra_tensors_ignored(hf_checkpoint, tmp_path):
-    path, model, _ = hf_checkpoint("llama")
+    path, model = hf_checkpoint("llama")
     out = copy_checkpoint(path, tmp_path / "ckpt")
 
     def add(tensors):
@@ -272,7 +272,7 @@ def test_wrong_shape(hf_checkpoint, tmp_path):
 def test_only_pickle_weights(hf_checkpoint, tmp_path):
     out = tmp_path / "bin"
     out.mkdir()
-    shutil.copy(Path(hf_checkpoint("llama").path) / "config.json", out)
+    shutil.copy(hf_checkpoint("llama").path / "config.json", out)
     (out / "pytorch_model.bin").write_bytes(b"not loaded, never unpickled")
     with pytest.raises(CheckpointNotFoundError) as info:
         load_checkpoint(out)
@@ -282,7 +282,7 @@ def test_only_pickle_weights(hf_checkpoint, tmp_path):
 
 
 def test_no_weights_at_all(hf_checkpoint, tmp_path):
-    shutil.copy(Path(hf_checkpoint("llama").path) / "config.json", tmp_path)
+    shutil.copy(hf_checkpoint("llama").path / "config.json", tmp_path)
     with pytest.raises(CheckpointNotFoundError, match="no weights in .*model.safetensors"):
         load_checkpoint(tmp_path)
 
@@ -340,13 +340,13 @@ def test_missing_local_directory(tmp_path):
 
 def test_file_instead_of_directory(hf_checkpoint):
     with pytest.raises(FileNotFoundError, match="is a file; give the checkpoint directory"):
-        resolve_checkpoint(str(Path(hf_checkpoint("llama").path) / "config.json"))
+        resolve_checkpoint(str(hf_checkpoint("llama").path / "config.json"))
 
 
 def test_local_directory_used_as_is(hf_checkpoint):
     path = hf_checkpoint("llama").path
-    assert resolve_checkpoint(path) == Path(path)
-    assert resolve_checkpoint(Path(path)) == Path(path)
+    assert resolve_checkpoint(path) == path
+    assert resolve_checkpoint(str(path)) == path
 
 
 @pytest.fixture
