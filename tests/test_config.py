@@ -359,3 +359,15 @@ def test_num_parameters_matches_transformers(family):
     model = build_hf_model(family)
     cfg = ModelConfig.from_hf_dict(model.config.to_dict())
     assert cfg.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_sliding_window_on_some_layers_only_is_refused() -> None:
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 317, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "use_sliding_window": True, "sliding_window": 8,
+        "max_window_layers": 2,
+        "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2,
+    }
+    with pytest.raises(UnsupportedModelError, match="mixes full and sliding attention"):
+        ModelConfig.from_hf_dict(cfg)

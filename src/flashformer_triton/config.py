@@ -236,6 +236,12 @@ def _sliding_window_of(family: str, cfg: dict[str, Any]) -> int | None:
     layer_types = cfg.get("layer_types")
     if layer_types and all(t == "full_attention" for t in layer_types):
         return None
+    if layer_types and len(set(layer_types)) > 1:
+        # Qwen's max_window_layers: the window applies to some layers only.
+        raise UnsupportedModelError(
+            f"layer_types={layer_types} mixes full and sliding attention; only a window on "
+            "every layer (or none) is supported"
+        )
     return int(window)
 
 
