@@ -16,6 +16,7 @@ import datetime
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,11 @@ from flashformer_triton.runtime import DecodeRuntime
 from flashformer_triton.weights import pack_weights
 
 RESULTS = Path(__file__).parent / "results"
+_T0 = time.time()
+
+
+def log(message: str) -> None:
+    print(f"[{time.time() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def time_ms(fn, *, inner: int = 20, repeats: int = 15, warmup: int = 3) -> float:
@@ -72,6 +78,7 @@ def graph_of(fn):
 def bench_shape(name: str, batch: int, pos: int, bandwidth: float, peers: list[str],
                 max_seq_len: int | None = None, **tiles: int) -> list[dict]:
     config = preset(name)
+    log(f"{name} batch {batch} pos {pos}: building weights")
     max_seq_len = max_seq_len or max(1024, pos + 64)
     state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
     weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
@@ -90,7 +97,9 @@ def bench_shape(name: str, batch: int, pos: int, bandwidth: float, peers: list[s
     runtime = DecodeRuntime(config, weights, plan, k, v)
     positions = torch.full((batch,), pos, dtype=torch.int32, device="cuda")
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda", dtype=torch.int32)
+    log("compiling the kernel")
     runtime.step(ids, positions)  # compile + hang check
+    log(plan.summary())
 
     step_bytes = plan.step_bytes([pos] * batch)
     floor = step_bytes / bandwidth * 1e3
@@ -101,8 +110,11 @@ def bench_shape(name: str, batch: int, pos: int, bandwidth: float, peers: list[s
                     gbs=step_bytes / (ms * 1e-3) / 1e9, fraction=floor / ms)
 
     rows = [row("flashformer (launch)", time_ms(runtime.launch))]
+    runtime.check()
+    log(f"kernel {rows[-1]['ms']:.3f} ms")
     rows.append(row("flashformer (graph)", time_ms(graph_of(runtime.launch))))
     runtime.check()
+    log(f"kernel in a CUDA graph {rows[-1]['ms']:.3f} ms")
 
     if "compile" in peers and ref is not None:
         ref.cache.k.copy_(k)
@@ -110,9 +122,11 @@ def bench_shape(name: str, batch: int, pos: int, bandwidth: float, peers: list[s
         step = torch.compile(ref, mode="reduce-overhead", fullgraph=True)
         ids_in = ids[:, None].long()
         pos_in = positions.long()
+        log("torch.compile peer: compiling")
         with torch.no_grad():
             rows.append(row("torch.compile reduce-overhead", time_ms(
                 lambda: step(ids_in, pos_in), warmup=5)))
+        log(f"torch.compile peer {rows[-1]['ms']:.3f} ms")
     del runtime, weights, ref, k, v
     torch.cuda.empty_cache()
     return rows
@@ -162,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.shapes:
         for batch in args.batch:
             for pos in args.pos:
-                rows += bench_shape(name, batch, pos, bandwidth, args.peers)
-                print(format_table(env, bandwidth, rows[-3:]).splitlines()[-1], flush=True)
+                new = bench_shape(name, batch, pos, bandwidth, args.peers)
+                rows += new
+                print("\n".join(format_table(env, bandwidth, new).splitlines()[2:]), flush=True)
     table = format_table(env, bandwidth, rows)
     out = args.json or RESULTS / f"{env['date'][:10]}-{env['gpu'].replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,16 @@ print(f"{p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}, trit
 PY
 status=0
 if [[ $what == tests || $what == all ]]; then
-  python -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_gpu_shapes.py tests/test_kernel.py} \
+  timeout "${TEST_TIMEOUT:-300}" python -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_gpu_shapes.py tests/test_kernel.py} \
     >"$OUT/pytest.log" 2>&1 || status=$?
   tail -n 25 "$OUT/pytest.log"
 fi
 if [[ $what == bench || $what == all ]]; then
-  python bench/bench_decode.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 30
-  cp "$OUT/bench.json" bench/results/ 2>/dev/null || true
+  # One process per shape, each under its own time limit, so one slow shape cannot eat the call.
+  for shape in ${SHAPES:-llama-3.2-1b llama-3.1-8b}; do
+    timeout "${SHAPE_TIMEOUT:-240}" python bench/bench_decode.py --shapes "$shape" \
+      --json "$OUT/bench-$shape.json" "$@" 2>&1 | tee -a "$OUT/bench.log" | grep -v "^\[" || true
+  done
+  grep "^\[" "$OUT/bench.log" | tail -n 12
 fi
 exit $status

@@ -17,23 +17,26 @@ from flashformer_triton.weights import pack_weights
 pytestmark = pytest.mark.gpu
 
 MAX_SEQ = 32064  # room for position 32000
-# bf16 kernel against the bf16 reference: the reference also rounds its residual stream and
-# every activation to bf16, so the two differ by about that rounding, not by the kernel alone.
-BF16_TOLERANCE = 2e-2
+# The oracle: for 1B the reference in fp32 on the same bf16 weights (the kernel's only
+# difference is its bf16 activation rounding); 8B does not fit in fp32 next to a 32k cache,
+# so it is checked against the bf16 reference, which itself rounds the residual stream and
+# every activation to bf16, hence the looser bound.
+ORACLE = {"llama-3.2-1b": (torch.float32, 1e-2), "llama-3.1-8b": (torch.bfloat16, 6e-2)}
 
 
-@pytest.fixture(scope="module", params=["llama-3.2-1b", "llama-3.1-8b"])
+@pytest.fixture(scope="module", params=list(ORACLE))
 def model(request):
     if not HAS_CUDA:
         pytest.skip("needs CUDA")
     config = preset(request.param)
+    ref_dtype, tolerance = ORACLE[request.param]
     state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
     weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
     ref = ReferenceModel(config, state, max_batch_size=8, max_seq_len=MAX_SEQ,
-                         dtype=torch.bfloat16, device="cuda", check_positions=False)
+                         dtype=ref_dtype, device="cuda", check_positions=False)
     del state
     torch.cuda.empty_cache()
-    yield config, weights, ref
+    yield config, weights, ref, tolerance
     del weights, ref
     torch.cuda.empty_cache()
 
@@ -41,28 +44,29 @@ def model(request):
 @pytest.mark.parametrize("pos", [512, 32000])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_real_shape_matches_reference(model, batch: int, pos: int) -> None:
-    config, weights, ref = model
+    config, weights, ref, tolerance = model
     plan = make_plan(config, batch=batch, max_seq_len=MAX_SEQ, dtype=torch.bfloat16)
-    # The kernel and the reference share the cache view of the first `batch` slots.
-    k, v = ref.cache.k[:, :batch], ref.cache.v[:, :batch]
     gen = torch.Generator(device="cuda").manual_seed(pos + batch)
-    # Ragged positions around `pos`; random history below each.
+    # Ragged positions around `pos`; the same random (bf16) history below each in both caches.
     positions = torch.tensor([max(0, pos - 37 * i) for i in range(batch)], device="cuda")
-    k[:, :, :, : pos + 1].normal_(generator=gen)
-    v[:, :, :, : pos + 1].normal_(generator=gen)
-    runtime = DecodeRuntime(config, weights, plan, k.contiguous(), v.contiguous())
+    k, v = (torch.empty(ref.cache.k[:, :batch].shape, dtype=torch.bfloat16, device="cuda")
+            for _ in range(2))
+    for mine, theirs in ((k, ref.cache.k), (v, ref.cache.v)):
+        mine[:, :, :, : pos + 1].normal_(generator=gen)
+        theirs[:, :batch, :, : pos + 1].copy_(mine[:, :, :, : pos + 1])
+    runtime = DecodeRuntime(config, weights, plan, k, v)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen)
     for buf in runtime.workspaces().values():
         buf.fill_(float("nan"))
     out = runtime.step(ids.int(), positions.int()).clone()
     want = ref(ids[:, None], positions)[:, 0]
-    assert_close(out, want, rtol_norm=BF16_TOLERANCE, name=f"{plan.config.family} b{batch} p{pos}")
+    assert_close(out, want, rtol_norm=tolerance, name=f"{plan.config.family} b{batch} p{pos}")
     top5 = out.topk(5, dim=-1).indices
     assert (top5 == want.argmax(-1, keepdim=True)).any(-1).all(), "reference top-1 not in top-5"
 
 
 def test_one_kernel_per_step(model) -> None:
-    config, weights, ref = model
+    config, weights, _, _ = model
     plan = make_plan(config, batch=1, max_seq_len=1024, dtype=torch.bfloat16)
     cache = torch.zeros(config.num_layers, 1, config.num_kv_heads, 1024, config.head_dim,
                         dtype=torch.bfloat16, device="cuda")
