@@ -92,7 +92,10 @@ class GpuSpec:
 
     @classmethod
     def current(cls, device: torch.device | str | None = None) -> GpuSpec:
-        if device is None or torch.device(device).type != "cuda":
+        """The chip of `device`; with no device, the current CUDA device if there is one."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.device(device).type != "cuda":
             return cls(name="cpu (triton interpreter)", num_sms=1)
         props = torch.cuda.get_device_properties(device)
         return cls(name=props.name, num_sms=props.multi_processor_count)
