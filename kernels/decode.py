@@ -108,28 +108,55 @@ def _mv(w, x, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def _load_x(x_ptr, norm_ptr, K, k0, B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+            NORM: tl.constexpr):
+    """A [BP, BK] chunk of the activations (from L2: written by other programs this launch)
+    and, for a fused RMSNorm, the matching chunk of its weight."""
+    bidx = tl.arange(0, BP)
+    kk = k0 + tl.arange(0, BK)
+    xmask = (bidx[:, None] < B) & (kk[None, :] < K)
+    x = tl.load(x_ptr + bidx[:, None] * K + kk[None, :], mask=xmask, other=0.0,
+                cache_modifier=".cg")
+    if NORM:
+        g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0)
+    else:
+        g = tl.full([BK], 1.0, dtype=tl.float32)
+    return x, g
+
+
+@triton.jit
 def _gemv(w_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
     """acc[b, n] = sum_k W[rows[n], k] * x[b, k] (* norm[k]) with the first chunk already
-    loaded; the next chunk's load is issued before the current chunk's maths. Also returns
+    loaded. The next chunk's weights AND activations are requested before the current chunk's
+    maths, so neither an HBM nor an L2 round trip is exposed per chunk. Also returns
     sum_k x[b, k]^2 so the caller can apply RMSNorm's 1/rms afterwards."""
-    bidx = tl.arange(0, BP)
     acc = tl.zeros([BP, BN], dtype=tl.float32)
     sumsq = tl.zeros([BP], dtype=tl.float32)
     w_cur = w_first
+    x_cur, g_cur = _load_x(x_ptr, norm_ptr, K, 0, B, BP, BK, NORM)
     for k0 in range(0, K, BK):
         w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK)
-        kk = k0 + tl.arange(0, BK)
-        xmask = (bidx[:, None] < B) & (kk[None, :] < K)
-        x = tl.load(x_ptr + bidx[:, None] * K + kk[None, :], mask=xmask, other=0.0,
-                    cache_modifier=".cg")
+        x_next, g_next = _load_x(x_ptr, norm_ptr, K, k0 + BK, B, BP, BK, NORM)
         if NORM:
-            sumsq += tl.sum(x * x, axis=1)
-            x = x * tl.load(norm_ptr + kk, mask=kk < K, other=0.0)[None, :]
-        acc += _mv(w_cur, x, USE_DOT, DOT_PREC)
+            sumsq += tl.sum(x_cur * x_cur, axis=1)
+        acc += _mv(w_cur, x_cur * g_cur[None, :], USE_DOT, DOT_PREC)
         w_cur = w_next
+        x_cur = x_next
+        g_cur = g_next
     return acc, sumsq
+
+
+@triton.jit
+def _prefetch_l2(w_ptr, rows, row_mask, K, k0, PF_K: tl.constexpr):
+    """Hint HBM -> L2 for columns [k0, k0 + PF_K) of the tile's rows (one address per 128-byte
+    line of bf16), issued before a spin-wait so the wait streams the weights it will need."""
+    cols = tl.minimum(k0 + tl.arange(0, PF_K // 64) * 64, K - 1)
+    safe_rows = tl.where(row_mask, rows, 0)
+    ptrs = w_ptr + safe_rows[:, None] * K + cols[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -316,7 +343,7 @@ def decode_step_kernel(
     BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
     BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
-    QK_NORM: tl.constexpr,
+    QK_NORM: tl.constexpr, PF_K: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -340,6 +367,8 @@ def decode_step_kernel(
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
             w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV)
+            if PF_K > 0:
+                _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
                 _qkv(layer, a, b, w0_qkv, arena_ptr, norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
                      h_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
@@ -361,6 +390,8 @@ def decode_step_kernel(
             rows_o = a * BN_O + tl.arange(0, BN_O)
             w_o = layer_w + OFF_O
             w0_o = _load_w(w_o, rows_o, rows_o < D, Q, 0, BK)
+            if PF_K > 0:
+                _prefetch_l2(w_o, rows_o, rows_o < D, Q, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
                 acc_o, _ = _gemv(w_o, rows_o, rows_o < D, Q, w0_o, attn_ptr, norms_ptr, B, BP,
                                  BN_O, BK, False, USE_DOT, DOT_PREC)
@@ -373,6 +404,8 @@ def decode_step_kernel(
             rows_gu = f_rows + (j % 2) * F
             w_gu = layer_w + OFF_GU
             w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK)
+            if PF_K > 0:
+                _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
                 acc_gu, sumsq_gu = _gemv(w_gu, rows_gu, f_rows < F, D, w0_gu, h_ptr,
                                          norms_ptr + layer * NORM_STRIDE + D, B, BP, 2 * BN_UP,
@@ -389,6 +422,8 @@ def decode_step_kernel(
             rows_d = a * BN_DOWN + tl.arange(0, BN_DOWN)
             w_d = layer_w + OFF_DOWN
             w0_d = _load_w(w_d, rows_d, rows_d < D, F, 0, BK)
+            if PF_K > 0:
+                _prefetch_l2(w_d, rows_d, rows_d < D, F, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
                 acc_d, _ = _gemv(w_d, rows_d, rows_d < D, F, w0_d, act_ptr, norms_ptr, B, BP,
                                  BN_DOWN, BK, False, USE_DOT, DOT_PREC)
@@ -397,6 +432,8 @@ def decode_step_kernel(
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK)
+            if PF_K > 0:
+                _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
                 acc_lm, sumsq_lm = _gemv(lm_head_ptr, rows_lm, rows_lm < V, D, w0_lm, h_ptr,
                                          norms_ptr + L * NORM_STRIDE, B, BP, BN_LM, BK, True,

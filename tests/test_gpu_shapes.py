@@ -52,11 +52,17 @@ def test_real_shape_matches_reference(model, batch: int, pos: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(pos + batch)
     # Ragged positions around `pos`; the same random (bf16) history below each in both caches.
     positions = torch.tensor([max(0, pos - 37 * i) for i in range(batch)], device="cuda")
-    k, v = (torch.empty(ref.cache.k[:, :batch].shape, dtype=torch.bfloat16, device="cuda")
-            for _ in range(2))
+    if ref.cache.k.dtype == torch.bfloat16 and batch == ref.max_batch_size:
+        # 8B at batch 8 only fits with one shared cache: the kernel writes the new position
+        # first, then the reference overwrites it with its own values before reading.
+        k, v = ref.cache.k, ref.cache.v
+    else:
+        k, v = (torch.empty(ref.cache.k[:, :batch].shape, dtype=torch.bfloat16, device="cuda")
+                for _ in range(2))
     for mine, theirs in ((k, ref.cache.k), (v, ref.cache.v)):
         mine[:, :, :, : pos + 1].normal_(generator=gen)
-        theirs[:, :batch, :, : pos + 1].copy_(mine[:, :, :, : pos + 1])
+        if mine is not theirs:
+            theirs[:, :batch, :, : pos + 1].copy_(mine[:, :, :, : pos + 1])
     runtime = DecodeRuntime(config, weights, plan, k, v)
     ids = torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen)
     for buf in runtime.workspaces().values():

@@ -81,6 +81,8 @@ class Tiles:
     kv_splits: int = 8  # flash-decoding splits per (sequence, kv head)
     programs_per_sm: int = 2
     num_warps: int = 4
+    l2_prefetch_k: int = 2048  # columns of a tile hinted into L2 before its wait (0: off)
+    max_registers: int = 0  # per-thread register cap (0: compiler's choice); allows more programs
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,8 @@ class Plan:
             "DOT_PREC": "ieee" if self.dtype == torch.float32 else "tf32",
             "QKV_BIAS": c.qkv_bias,
             "QK_NORM": c.qk_norm,
+            # Inline PTX cannot run in the interpreter; the hint changes no result.
+            "PF_K": t.l2_prefetch_k if self.gpu.num_sms > 1 else 0,
         }
 
     # What one step must read: the floor of a memory-bound step.
@@ -360,6 +364,8 @@ def _check_tiles(config: ModelConfig, t: Tiles) -> None:
                  "block_s"):
         pow2(name, getattr(t, name), 16)
     pow2("qkv_rows", t.qkv_rows, 2)
+    if t.l2_prefetch_k:
+        pow2("l2_prefetch_k", t.l2_prefetch_k, 64)
     if config.head_dim % t.qkv_rows:
         raise ValueError(f"qkv_rows={t.qkv_rows} must divide head_dim={config.head_dim}")
     if config.qk_norm and t.qkv_rows != config.head_dim:

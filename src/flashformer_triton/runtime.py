@@ -100,6 +100,9 @@ class DecodeRuntime:
         self.part_l = torch.empty(B, c.num_heads, splits, **f32)
         self.part_o = torch.empty(B, c.num_heads, splits, c.head_dim, **f32)
         self._constexprs = plan.constexprs()
+        self.compiled = None  # the compiled kernel of the last launch (registers, spills)
+        cap = plan.tiles.max_registers
+        self._launch_options = {"maxnreg": cap} if cap and self.device.type == "cuda" else {}
         if self.device.type == "cpu" and weights.dtype != torch.float32:
             self._constexprs["DOT_PREC"] = "upcast"  # the interpreter's bf16/fp16 dot is wrong
 
@@ -112,7 +115,7 @@ class DecodeRuntime:
     def launch(self) -> None:
         """One decode step from the ids/pos buffers: exactly one kernel launch."""
         w = self.weights
-        self.kernel[(self.plan.grid,)](
+        self.compiled = self.kernel[(self.plan.grid,)](
             self.tasks, self.plan.num_tasks, self.ctrl, self.counters, self.plan.num_counters,
             self.max_spin, self.ids, self.pos,
             w.arena, w.norms, w.qkv_bias, w.embed, w.lm_head, w.inv_freq,
@@ -120,6 +123,7 @@ class DecodeRuntime:
             self.h, self.q, self.attn, self.act, self.logits,
             self.part_m, self.part_l, self.part_o,
             num_warps=self.plan.tiles.num_warps,
+            **self._launch_options,
             **self._constexprs,
         )
 

@@ -1,0 +1,76 @@
+"""Sweep tile settings of the decode kernel on one GPU: weights built once per shape.
+
+    python bench/sweep.py --shape llama-3.1-8b --configs "" "programs_per_sm=3" \\
+        "block_k=1024,num_warps=8"
+
+Each config is a comma list of plan.Tiles fields over the shape's defaults. Prints one row a
+config (ms per step, fraction of the floor, registers and spills) and the best last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+
+import torch
+from bench_decode import copy_bandwidth, log, time_ms
+
+from flashformer_triton.config import preset
+from flashformer_triton.loading import random_state_dict
+from flashformer_triton.plan import make_plan
+from flashformer_triton.runtime import DecodeRuntime
+from flashformer_triton.weights import pack_weights
+
+
+def parse(config: str) -> dict[str, int]:
+    pairs = [item.split("=") for item in config.split(",") if item.strip()]
+    return {key.strip(): int(value) for key, value in pairs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", default="llama-3.2-1b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--pos", type=int, default=512)
+    parser.add_argument("--configs", nargs="+", default=[""])
+    args = parser.parse_args(argv)
+    config = preset(args.shape)
+    bandwidth = copy_bandwidth()
+    state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
+    del state
+    max_seq = max(1024, args.pos + 64)
+    shape = (config.num_layers, args.batch, config.num_kv_heads, max_seq, config.head_dim)
+    k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    ids = torch.randint(0, config.vocab_size, (args.batch,), device="cuda", dtype=torch.int32)
+    pos = torch.full((args.batch,), args.pos, dtype=torch.int32, device="cuda")
+    results = []
+    for text in args.configs:
+        try:
+            plan = make_plan(config, batch=args.batch, max_seq_len=max_seq,
+                             dtype=torch.bfloat16, **parse(text))
+            runtime = DecodeRuntime(config, weights, plan, k, v)
+            runtime.step(ids, pos)
+            ms = time_ms(runtime.launch, inner=10, repeats=9)
+            runtime.check()
+        except Exception as exc:  # a config that does not compile or hangs: report, go on
+            log(f"{text or 'defaults'}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        floor = plan.floor_ms([args.pos] * args.batch, bandwidth)
+        regs = getattr(runtime.compiled, "n_regs", "?")
+        spills = getattr(runtime.compiled, "n_spills", "?")
+        results.append((ms, text))
+        print(f"{args.shape} b{args.batch} p{args.pos} {text or 'defaults':<48} {ms:8.3f} ms "
+              f"frac {floor / ms:5.3f} tasks {plan.num_tasks:6d} regs {regs} spills {spills}",
+              flush=True)
+    if results:
+        best = min(results)
+        print(f"best: {best[1] or 'defaults'} {best[0]:.3f} ms; defaults were "
+              f"{asdict(make_plan(config, batch=args.batch, max_seq_len=max_seq).tiles)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
