@@ -14,6 +14,8 @@ Buffers (fp32 unless noted; B = plan batch):
   h [B, D] residual stream; q [B, H*HD]; attn [B, H*HD]; act [B, F]; logits [B, V];
   part_m/part_l [B, H, NSPLIT], part_o [B, H, NSPLIT, HD] flash-decoding partials;
   k_cache/v_cache [L, B, KVH, S_MAX, HD] (model dtype); ctrl int32 [8]; counters int32.
+Task rows are int32 [op, layer, a, b, c, wait counter, wait target, signal counter, aux
+counter] (plan.TASK_FIELDS).
 The plain-torch statement of the same maths is flashformer_triton.reference.
 """
 
@@ -24,12 +26,11 @@ import triton.language as tl
 OP_EMBED = tl.constexpr(0)
 OP_QKV = tl.constexpr(1)
 OP_ATTN = tl.constexpr(2)
-OP_MERGE = tl.constexpr(3)
-OP_OPROJ = tl.constexpr(4)
-OP_GATEUP = tl.constexpr(5)
-OP_DOWN = tl.constexpr(6)
-OP_LMHEAD = tl.constexpr(7)
-TASK_COLS = tl.constexpr(8)
+OP_OPROJ = tl.constexpr(3)
+OP_GATEUP = tl.constexpr(4)
+OP_DOWN = tl.constexpr(5)
+OP_LMHEAD = tl.constexpr(6)
+TASK_COLS = tl.constexpr(9)
 
 # Control block slots (runtime.CTRL_*).
 CTRL_QUEUE = tl.constexpr(0)
@@ -43,18 +44,21 @@ CTRL_ERR_SEEN = tl.constexpr(4)
 
 
 @triton.jit
-def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin):
+def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin,
+          IGNORE_DEPS: tl.constexpr = False):
     """Spin (acquire) until counters[counter] >= target; False on timeout or on another
-    task's failure. counter < 0 means no dependency."""
-    need = tl.where(counter >= 0, target, 0)
+    task's failure. counter < 0 means no dependency. IGNORE_DEPS (benchmark diagnostic only:
+    results are garbage) measures the streaming without any stage barrier."""
+    need = tl.where((counter >= 0) & (not IGNORE_DEPS), target, 0)
     ptr = counters_ptr + tl.maximum(counter, 0)
     seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
     spins = max_spin * 0
     failed = spins
     while (seen < need) & (spins < max_spin) & (failed == 0):
         seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
-        failed = tl.load(ctrl_ptr + CTRL_ERR_TASK, volatile=True)
         spins += 1
+        if spins % 32 == 0:  # another task's failure: checked now and then, off the hot path
+            failed = tl.load(ctrl_ptr + CTRL_ERR_TASK, volatile=True)
     ok = seen >= need
     if seen < need:
         first = tl.atomic_cas(ctrl_ptr + CTRL_ERR_TASK, 0, task_id + 1)
@@ -127,13 +131,27 @@ def _load_x(x_ptr, norm_ptr, K, k0, B: tl.constexpr, BP: tl.constexpr, BK: tl.co
 @triton.jit
 def _gemv(w_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-          NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+          NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+          STAGES: tl.constexpr):
     """acc[b, n] = sum_k W[rows[n], k] * x[b, k] (* norm[k]) with the first chunk already
     loaded. The next chunk's weights AND activations are requested before the current chunk's
     maths, so neither an HBM nor an L2 round trip is exposed per chunk. Also returns
     sum_k x[b, k]^2 so the caller can apply RMSNorm's 1/rms afterwards."""
     acc = tl.zeros([BP, BN], dtype=tl.float32)
     sumsq = tl.zeros([BP], dtype=tl.float32)
+    if STAGES > 0:
+        # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
+        x0, g0 = _load_x(x_ptr, norm_ptr, K, 0, B, BP, BK, NORM)
+        if NORM:
+            sumsq += tl.sum(x0 * x0, axis=1)
+        acc += _mv(w_first, x0 * g0[None, :], USE_DOT, DOT_PREC)
+        for k0 in tl.range(BK, K, BK, num_stages=STAGES):
+            w = _load_w(w_ptr, rows, row_mask, K, k0, BK)
+            x, g = _load_x(x_ptr, norm_ptr, K, k0, B, BP, BK, NORM)
+            if NORM:
+                sumsq += tl.sum(x * x, axis=1)
+            acc += _mv(w, x * g[None, :], USE_DOT, DOT_PREC)
+        return acc, sumsq
     w_cur = w_first
     x_cur, g_cur = _load_x(x_ptr, norm_ptr, K, 0, B, BP, BK, NORM)
     for k0 in range(0, K, BK):
@@ -192,7 +210,7 @@ def _qkv(layer, head, chunk, w_first, arena_ptr, norms_ptr, bias_ptr, inv_freq_p
          KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr, EPS: tl.constexpr,
          LAYER_STRIDE: tl.constexpr, NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr,
          BK_QKV: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-         QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr):
+         QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr, STAGES: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, then bias, qk-norm, RoPE and the store
     to q (query heads) or to the KV cache at each sequence's position (key/value heads)."""
     PAIRS: tl.constexpr = BN_QKV // 2
@@ -203,7 +221,7 @@ def _qkv(layer, head, chunk, w_first, arena_ptr, norms_ptr, bias_ptr, inv_freq_p
     w_ptr = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
     nbase = norms_ptr + layer * NORM_STRIDE
     acc, sumsq = _gemv(w_ptr, rows, row_mask, D, w_first, h_ptr, nbase, B, BP, BN_QKV, BK_QKV,
-                       True, USE_DOT, DOT_PREC)
+                       True, USE_DOT, DOT_PREC, STAGES)
     acc = acc * tl.rsqrt(sumsq / D + EPS)[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
@@ -343,7 +361,8 @@ def decode_step_kernel(
     BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
     BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
-    QK_NORM: tl.constexpr, PF_K: tl.constexpr,
+    QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
+    IGNORE_DEPS: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -362,6 +381,7 @@ def decode_step_kernel(
         wait_ctr = tl.load(row + 5)
         wait_target = tl.load(row + 6)
         signal_ctr = tl.load(row + 7)
+        aux_ctr = tl.load(row + 8)
         layer_w = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
 
         if op == OP_QKV:
@@ -369,32 +389,34 @@ def decode_step_kernel(
             w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV)
             if PF_K > 0:
                 _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
                 _qkv(layer, a, b, w0_qkv, arena_ptr, norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
                      h_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
                      LAYER_STRIDE, NORM_STRIDE, BN_QKV, BK_QKV, USE_DOT, DOT_PREC, QKV_BIAS,
-                     QK_NORM)
+                     QK_NORM, STAGES)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_ATTN:
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
                 _attn_partial(layer, a, b, c, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                               part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
                               NSPLIT, SM_SCALE, BS, DOT_PREC)
-                _signal(counters_ptr, signal_ctr)
-        elif op == OP_MERGE:
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
-                _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH, HD, GP,
-                            NSPLIT, NSPLIT_P)
-                _signal(counters_ptr, signal_ctr)
+                # Publish the partial; the split that arrives last (acquiring the others')
+                # merges all of them in split order and signals the layer's merge counter.
+                tl.debug_barrier()
+                arrived = tl.atomic_add(counters_ptr + aux_ctr, 1, sem="acq_rel", scope="gpu")
+                if arrived == NSPLIT - 1:
+                    _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH, HD,
+                                GP, NSPLIT, NSPLIT_P)
+                    _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
             rows_o = a * BN_O + tl.arange(0, BN_O)
             w_o = layer_w + OFF_O
             w0_o = _load_w(w_o, rows_o, rows_o < D, Q, 0, BK)
             if PF_K > 0:
                 _prefetch_l2(w_o, rows_o, rows_o < D, Q, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
                 acc_o, _ = _gemv(w_o, rows_o, rows_o < D, Q, w0_o, attn_ptr, norms_ptr, B, BP,
-                                 BN_O, BK, False, USE_DOT, DOT_PREC)
+                                 BN_O, BK, False, USE_DOT, DOT_PREC, STAGES)
                 _add_rows(h_ptr, rows_o, rows_o < D, acc_o, B, BP, D)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_GATEUP:
@@ -406,10 +428,10 @@ def decode_step_kernel(
             w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK)
             if PF_K > 0:
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
                 acc_gu, sumsq_gu = _gemv(w_gu, rows_gu, f_rows < F, D, w0_gu, h_ptr,
                                          norms_ptr + layer * NORM_STRIDE + D, B, BP, 2 * BN_UP,
-                                         BK, True, USE_DOT, DOT_PREC)
+                                         BK, True, USE_DOT, DOT_PREC, STAGES)
                 acc_gu = acc_gu * tl.rsqrt(sumsq_gu / D + EPS)[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
@@ -424,9 +446,9 @@ def decode_step_kernel(
             w0_d = _load_w(w_d, rows_d, rows_d < D, F, 0, BK)
             if PF_K > 0:
                 _prefetch_l2(w_d, rows_d, rows_d < D, F, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
                 acc_d, _ = _gemv(w_d, rows_d, rows_d < D, F, w0_d, act_ptr, norms_ptr, B, BP,
-                                 BN_DOWN, BK, False, USE_DOT, DOT_PREC)
+                                 BN_DOWN, BK, False, USE_DOT, DOT_PREC, STAGES)
                 _add_rows(h_ptr, rows_d, rows_d < D, acc_d, B, BP, D)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_LMHEAD:
@@ -434,17 +456,17 @@ def decode_step_kernel(
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK)
             if PF_K > 0:
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
                 acc_lm, sumsq_lm = _gemv(lm_head_ptr, rows_lm, rows_lm < V, D, w0_lm, h_ptr,
                                          norms_ptr + L * NORM_STRIDE, B, BP, BN_LM, BK, True,
-                                         USE_DOT, DOT_PREC)
+                                         USE_DOT, DOT_PREC, STAGES)
                 acc_lm = acc_lm * tl.rsqrt(sumsq_lm / D + EPS)[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
                          mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))
                 _signal(counters_ptr, signal_ctr)
         else:  # OP_EMBED
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
                 _embed(ids_ptr, embed_ptr, h_ptr, B, BP, D, BK)
                 _signal(counters_ptr, signal_ctr)
         task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)

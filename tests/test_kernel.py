@@ -158,3 +158,11 @@ def test_impossible_dependency_raises_instead_of_hanging() -> None:
     runtime.max_spin = 1 << 20
     out = pair.kernel_step(ids, torch.tensor([2], device=DEVICE, dtype=torch.int32))
     assert torch.isfinite(out).all()
+
+
+def test_hand_double_buffered_gemv_loop_matches() -> None:
+    """The hand double-buffered GEMV loop (the default is Triton's pipeliner) and 8-row
+    tiles (allowed at batch 1) compute the same maths."""
+    pair = _pair("qwen2", batch=1, dtype=torch.float32, pipeline_stages=0, o_rows=8,
+                 down_rows=8, gate_up_rows=8)
+    _run_and_compare(pair, [4], steps=2, dtype=torch.float32)

@@ -8,8 +8,8 @@ that is how the Triton interpreter runs it on a CPU.
 Per layer the stages are (each a run of independent tasks):
 
     QKV    rmsnorm + fused QKV rows of one head (+bias, +qk-norm, RoPE, KV-cache append)
-    ATTN   flash-decoding partial over one KV split of one (sequence, kv head)
-    MERGE  combine the splits of one (sequence, kv head) into the attention output
+    ATTN   flash-decoding partial over one KV split of one (sequence, kv head); the last
+           split of a (sequence, kv head) to finish merges all of them, in a fixed order
     OPROJ  O-projection rows + residual
     GATEUP rmsnorm + gate/up rows + SiLU*mul
     DOWN   down-projection rows + residual
@@ -36,22 +36,23 @@ class Op(IntEnum):
     EMBED = 0
     QKV = 1
     ATTN = 2
-    MERGE = 3
-    OPROJ = 4
-    GATEUP = 5
-    DOWN = 6
-    LMHEAD = 7
+    OPROJ = 3
+    GATEUP = 4
+    DOWN = 5
+    LMHEAD = 6
 
 
-TASK_FIELDS = ("op", "layer", "a", "b", "c", "wait_counter", "wait_target", "signal_counter")
+TASK_FIELDS = (
+    "op", "layer", "a", "b", "c", "wait_counter", "wait_target", "signal_counter", "aux_counter"
+)
 NO_COUNTER = -1
 
 
 @dataclass(frozen=True)
 class Task:
     """One row of the table. a/b/c are the tile coordinates, their meaning depends on op:
-    QKV (head, pair chunk, -), ATTN (sequence, kv head, split), MERGE (sequence, kv head, -),
-    OPROJ/GATEUP/DOWN/LMHEAD (row tile, -, -)."""
+    QKV (head, pair chunk, -), ATTN (sequence, kv head, split), OPROJ/GATEUP/DOWN/LMHEAD
+    (row tile, -, -). aux_counter: for ATTN, the arrival counter of its (sequence, kv head)."""
 
     op: Op
     layer: int = 0
@@ -61,6 +62,7 @@ class Task:
     wait_counter: int = NO_COUNTER
     wait_target: int = 0
     signal_counter: int = NO_COUNTER
+    aux_counter: int = NO_COUNTER
 
     def serialize(self) -> list[int]:
         return [int(getattr(self, name)) for name in TASK_FIELDS]
@@ -81,8 +83,10 @@ class Tiles:
     kv_splits: int = 8  # flash-decoding splits per (sequence, kv head)
     programs_per_sm: int = 2
     num_warps: int = 4
-    l2_prefetch_k: int = 2048  # columns of a tile hinted into L2 before its wait (0: off)
+    l2_prefetch_k: int = 0  # columns of a tile hinted into L2 before its wait (0: off)
     max_registers: int = 0  # per-thread register cap (0: compiler's choice); allows more programs
+    pipeline_stages: int = 3  # 0: hand double-buffering; >= 2: Triton's pipeliner, that deep
+    ignore_deps: int = 0  # benchmark diagnostic ONLY: skip every wait (results are garbage)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,8 @@ class Plan:
             "QK_NORM": c.qk_norm,
             # Inline PTX cannot run in the interpreter; the hint changes no result.
             "PF_K": t.l2_prefetch_k if self.gpu.num_sms > 1 else 0,
+            "STAGES": t.pipeline_stages,
+            "IGNORE_DEPS": bool(t.ignore_deps),
         }
 
     # What one step must read: the floor of a memory-bound step.
@@ -264,7 +270,7 @@ def make_plan(
     _check_supported(config, batch, max_seq_len)
     tiles = tiles or default_tiles(config, batch, max_seq_len, gpu)
     tiles = replace(tiles, **tile_overrides)
-    _check_tiles(config, tiles)
+    _check_tiles(config, tiles, batch)
 
     c, t = config, tiles
     d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
@@ -298,18 +304,17 @@ def make_plan(
                     weights=t.qkv_rows * d,
                 )
 
-        attn_ctrs = [ctr.new(f"L{layer}.attn[g{g}]") for g in range(c.num_kv_heads)]
-        for seq in range(batch):
-            for g in range(c.num_kv_heads):
-                for split in range(t.kv_splits):
-                    add(Task(Op.ATTN, layer, seq, g, split, group_ctrs[g],
-                             ctr.targets[group_ctrs[g]], ctr.signal(attn_ctrs[g])))
-
         merged = ctr.new(f"L{layer}.merge")
         for seq in range(batch):
             for g in range(c.num_kv_heads):
-                add(Task(Op.MERGE, layer, seq, g, 0, attn_ctrs[g], ctr.targets[attn_ctrs[g]],
-                         ctr.signal(merged)))
+                # Each split arrives here; the one that brings it to kv_splits merges and
+                # signals `merged` (once per sequence and kv head).
+                arrivals = ctr.new(f"L{layer}.attn[b{seq},g{g}]")
+                ctr.targets[arrivals] = t.kv_splits
+                for split in range(t.kv_splits):
+                    add(Task(Op.ATTN, layer, seq, g, split, group_ctrs[g],
+                             ctr.targets[group_ctrs[g]], merged, arrivals))
+                ctr.signal(merged)
 
         o_done = ctr.new(f"L{layer}.oproj")
         for tile, rows in rows_of(d, t.o_rows):
@@ -355,15 +360,18 @@ def _check_supported(config: ModelConfig, batch: int, max_seq_len: int) -> None:
         )
 
 
-def _check_tiles(config: ModelConfig, t: Tiles) -> None:
+def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
     def pow2(name: str, value: int, low: int) -> None:
         if value < low or value & (value - 1):
             raise ValueError(f"tile {name}={value} must be a power of two >= {low}")
 
-    for name in ("o_rows", "gate_up_rows", "down_rows", "lm_rows", "block_k", "qkv_block_k",
-                 "block_s"):
+    # Batch > 1 runs the row tiles through tl.dot, which needs 16 rows; batch 1 does not.
+    min_rows = 16 if batch > 1 else 2
+    for name in ("o_rows", "gate_up_rows", "down_rows", "lm_rows"):
+        pow2(name, getattr(t, name), min_rows)
+    for name in ("block_k", "qkv_block_k", "block_s"):
         pow2(name, getattr(t, name), 16)
-    pow2("qkv_rows", t.qkv_rows, 2)
+    pow2("qkv_rows", t.qkv_rows, min_rows if config.head_dim >= min_rows else 2)
     if t.l2_prefetch_k:
         pow2("l2_prefetch_k", t.l2_prefetch_k, 64)
     if config.head_dim % t.qkv_rows:
