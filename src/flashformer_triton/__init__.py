@@ -9,7 +9,29 @@ _checkout_root = _Path(__file__).resolve().parents[2]
 if (_checkout_root / "kernels" / "__init__.py").is_file() and str(_checkout_root) not in __path__:
     __path__.append(str(_checkout_root))
 
+import os as _os  # noqa: E402
+
+import torch as _torch  # noqa: E402
+
+# Without CUDA the kernel can only run in the Triton interpreter, and that must be switched on
+# before triton is first imported: do it here, so that importing flashformer_triton first is
+# all a CPU user needs (see FlashFormer's error message for the other import order).
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from flashformer_triton.config import ModelConfig, UnsupportedModelError, preset  # noqa: E402
+from flashformer_triton.model import FlashFormer, InterpreterWarning  # noqa: E402
+from flashformer_triton.runtime import KernelHangError  # noqa: E402
+from flashformer_triton.sampling import SamplingConfig  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "UnsupportedModelError", "preset", "__version__"]
+__all__ = [
+    "FlashFormer",
+    "InterpreterWarning",
+    "KernelHangError",
+    "ModelConfig",
+    "SamplingConfig",
+    "UnsupportedModelError",
+    "preset",
+    "__version__",
+]
