@@ -121,7 +121,15 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     programs = gpu.num_sms * 2
     splits = _pow2(math.ceil(programs / (batch * config.num_kv_heads)))
     splits = max(1, min(splits, 64, math.ceil(max_seq_len / 64)))
-    return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits)
+
+    def rows_for(n: int) -> int:
+        # Batch 1 may use 8-row tiles: a stage with fewer tasks than ~programs leaves SMs idle
+        # (measured on an H100: 1B O-proj/down 16 -> 8 rows, 1.505 -> 1.367 ms per step).
+        return 16 if batch > 1 or n / 16 >= 0.9 * programs else 8
+
+    d, f = config.hidden_size, config.intermediate_size
+    return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
+                 o_rows=rows_for(d), down_rows=rows_for(d), gate_up_rows=rows_for(f))
 
 
 @dataclass

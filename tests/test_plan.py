@@ -1,0 +1,135 @@
+"""The metaprogram: task table shape, order, counters and byte accounting (no kernel runs)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from flashformer_triton.config import PRESETS, UnsupportedModelError, preset
+from flashformer_triton.loading import random_state_dict
+from flashformer_triton.plan import NO_COUNTER, TASK_FIELDS, GpuSpec, Op, make_plan
+from flashformer_triton.weights import pack_weights
+
+H100 = GpuSpec("NVIDIA H100 80GB HBM3", 132)
+CASES = {
+    "tiny-b1": ("tiny", 1),
+    "tiny-b3": ("tiny", 3),
+    "1b-b1": ("llama-3.2-1b", 1),
+    "8b-b8": ("llama-3.1-8b", 8),
+    "qwen3-8b-b4": ("qwen3-8b", 4),
+}
+
+
+@pytest.fixture(params=list(CASES))
+def plan(request):
+    name, batch = CASES[request.param]
+    return make_plan(preset(name), batch=batch, max_seq_len=4096, gpu=H100)
+
+
+def test_table_is_topological_and_targets_count_producers(plan) -> None:
+    """Every wait is for a counter whose producers all come earlier in the table, and its
+    target is exactly their number: one program running the table in order never blocks."""
+    signalled: Counter[int] = Counter()
+    for i, t in enumerate(plan.tasks):
+        if t.wait_counter != NO_COUNTER:
+            assert signalled[t.wait_counter] >= t.wait_target, (
+                f"task {i} {t} waits on {plan.counter_names[t.wait_counter]} before its "
+                f"producers ({signalled[t.wait_counter]} of {t.wait_target})"
+            )
+            assert t.wait_target == plan.counter_targets[t.wait_counter]
+        if t.op == Op.ATTN:
+            # Splits arrive on their own counter; the last one signals the merge counter.
+            if t.c == plan.tiles.kv_splits - 1:
+                signalled[t.signal_counter] += 1
+        elif t.signal_counter != NO_COUNTER:
+            signalled[t.signal_counter] += 1
+    for counter, target in enumerate(plan.counter_targets):
+        name = plan.counter_names[counter]
+        if ".attn[" in name:  # arrival counters: kv_splits each
+            assert target == plan.tiles.kv_splits
+        else:
+            assert signalled[counter] == target, name
+
+
+def test_tasks_per_op_match_the_shapes(plan) -> None:
+    c, t, B = plan.config, plan.tiles, plan.batch
+    per_op = Counter(task.op for task in plan.tasks)
+    L = c.num_layers
+    assert per_op[Op.EMBED] == 1
+    heads = c.num_heads + 2 * c.num_kv_heads
+    assert per_op[Op.QKV] == L * heads * (c.head_dim // t.qkv_rows)
+    assert per_op[Op.ATTN] == L * B * c.num_kv_heads * t.kv_splits
+    assert per_op[Op.OPROJ] == L * -(-c.hidden_size // t.o_rows)
+    assert per_op[Op.GATEUP] == L * -(-c.intermediate_size // t.gate_up_rows)
+    assert per_op[Op.DOWN] == L * -(-c.hidden_size // t.down_rows)
+    assert per_op[Op.LMHEAD] == -(-c.vocab_size // t.lm_rows)
+    table = plan.table()
+    assert table.dtype == torch.int32 and tuple(table.shape) == (plan.num_tasks, len(TASK_FIELDS))
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama-3.2-1b"])
+def test_weight_bytes_equal_what_the_arena_holds(name: str) -> None:
+    """The tasks' tiles cover every matrix element exactly once (bytes counted from the
+    table) and nothing else: they equal the packed arena plus the LM head."""
+    config = preset(name)
+    plan = make_plan(config, batch=1, max_seq_len=256, gpu=H100)
+    if name == "tiny":
+        weights = pack_weights(config, random_state_dict(config), dtype=torch.bfloat16)
+        streamed = (weights.arena.numel() + weights.lm_head.numel()) * 2
+    else:  # do not materialise 2.5 GB here: the same count from the config
+        d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+        per_layer = config.qkv_size * d + config.q_size * d + 3 * d * f
+        streamed = (config.num_layers * per_layer + v * d) * 2
+    assert plan.weight_bytes() == streamed
+
+
+def test_kv_bytes_and_floor() -> None:
+    config = preset("llama-3.1-8b")
+    plan = make_plan(config, batch=2, max_seq_len=4096, gpu=H100)
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # k+v, bf16
+    assert plan.kv_bytes([511, 99]) == (512 + 100) * per_token
+    floor = plan.floor_ms([511, 99], 3.0e12)
+    assert floor == pytest.approx((plan.weight_bytes() + plan.kv_bytes([511, 99])) / 3.0e9)
+
+
+def test_summary_is_one_screen(plan) -> None:
+    text = plan.summary()
+    assert len(text.splitlines()) <= 12
+    assert f"{plan.num_tasks} tasks" in text and "GB" in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(block_k=100), "block_k=100 must be a power of two"),
+        (dict(qkv_rows=3), "qkv_rows=3 must be a power of two"),
+        (dict(kv_splits=0), "kv_splits=0 must be >= 1"),
+        (dict(o_rows=8), "o_rows=8 must be a power of two >= 16"),  # batch 3 uses tl.dot
+    ],
+)
+def test_bad_tiles_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_plan(PRESETS["tiny"], batch=3, max_seq_len=64, gpu=H100, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(batch=17), ValueError, "batch=17 is outside the supported range 1..16"),
+        (dict(batch=0), ValueError, "batch=0 is outside"),
+        (dict(max_seq_len=0), ValueError, "max_seq_len=0 must be positive"),
+    ],
+)
+def test_bad_plan_arguments(kwargs: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        make_plan(PRESETS["tiny"], **kwargs)
+
+
+def test_head_dim_not_power_of_two_is_unsupported() -> None:
+    import dataclasses
+
+    config = dataclasses.replace(PRESETS["tiny"], head_dim=24)
+    with pytest.raises(UnsupportedModelError, match="head_dim=24 must be a power of two"):
+        make_plan(config)
