@@ -343,6 +343,25 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
              mask=gmask[:, None])
 
 
+@triton.jit
+def _residual_task(tile, w_ptr, K, x_ptr, h_ptr, norms_ptr, counters_ptr, ctrl_ptr, wait_ctr,
+                   wait_target, signal_ctr, task, max_spin,
+                   B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr):
+    """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h.
+    The first weight chunk is requested before the wait on the producers of x."""
+    rows = tile * BN + tl.arange(0, BN)
+    w0 = _load_w(w_ptr, rows, rows < D, K, 0, BK)
+    if PF_K > 0:
+        _prefetch_l2(w_ptr, rows, rows < D, K, BK, PF_K)
+    if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
+        acc, _ = _gemv(w_ptr, rows, rows < D, K, w0, x_ptr, norms_ptr, B, BP, BN, BK, False,
+                       USE_DOT, DOT_PREC, STAGES)
+        _add_rows(h_ptr, rows, rows < D, acc, B, BP, D)
+        _signal(counters_ptr, signal_ctr)
+
+
 # ---------------------------------------------------------------- the persistent kernel
 
 
@@ -409,16 +428,9 @@ def decode_step_kernel(
                                 GP, NSPLIT, NSPLIT_P)
                     _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
-            rows_o = a * BN_O + tl.arange(0, BN_O)
-            w_o = layer_w + OFF_O
-            w0_o = _load_w(w_o, rows_o, rows_o < D, Q, 0, BK)
-            if PF_K > 0:
-                _prefetch_l2(w_o, rows_o, rows_o < D, Q, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
-                acc_o, _ = _gemv(w_o, rows_o, rows_o < D, Q, w0_o, attn_ptr, norms_ptr, B, BP,
-                                 BN_O, BK, False, USE_DOT, DOT_PREC, STAGES)
-                _add_rows(h_ptr, rows_o, rows_o < D, acc_o, B, BP, D)
-                _signal(counters_ptr, signal_ctr)
+            _residual_task(a, layer_w + OFF_O, Q, attn_ptr, h_ptr, norms_ptr, counters_ptr,
+                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin, B, BP,
+                           D, BN_O, BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -441,16 +453,9 @@ def decode_step_kernel(
                          mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_DOWN:
-            rows_d = a * BN_DOWN + tl.arange(0, BN_DOWN)
-            w_d = layer_w + OFF_DOWN
-            w0_d = _load_w(w_d, rows_d, rows_d < D, F, 0, BK)
-            if PF_K > 0:
-                _prefetch_l2(w_d, rows_d, rows_d < D, F, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
-                acc_d, _ = _gemv(w_d, rows_d, rows_d < D, F, w0_d, act_ptr, norms_ptr, B, BP,
-                                 BN_DOWN, BK, False, USE_DOT, DOT_PREC, STAGES)
-                _add_rows(h_ptr, rows_d, rows_d < D, acc_d, B, BP, D)
-                _signal(counters_ptr, signal_ctr)
+            _residual_task(a, layer_w + OFF_DOWN, F, act_ptr, h_ptr, norms_ptr, counters_ptr,
+                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin, B, BP,
+                           D, BN_DOWN, BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK)
