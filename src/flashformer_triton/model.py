@@ -647,7 +647,7 @@ class FlashFormer(torch.nn.Module):
                     f"[B, T]=[{B}, {T}], got shape {tuple(input_pos.shape)}"
                 )
         lo_id, hi_id, lo_pos, hi_pos = torch.stack(
-            [input_ids.min(), input_ids.max(), positions.min(), positions.max()]
+            [input_ids.min().long(), input_ids.max().long(), positions.min(), positions.max()]
         ).tolist()
         self._check_ids(lo_id, hi_id, "input_ids")
         if lo_pos < 0:
