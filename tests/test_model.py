@@ -451,6 +451,23 @@ def test_qwen2_state_dict_has_biases_and_tied_embeddings_no_head() -> None:
     assert tied.runtime.weights.lm_head.data_ptr() == tied.embed.data_ptr()
 
 
+def test_inference_mode_or_not_and_normal_outputs(tiny: FlashFormer) -> None:
+    prompt = [[1, 2, 3]]
+    with torch.inference_mode():
+        a = tiny.generate(prompt, max_new_tokens=1)
+        built_inside = FlashFormer.from_preset("tiny", device=DEVICE, dtype=F32, max_seq_len=16)
+    b = tiny.generate(prompt, max_new_tokens=1)  # state created in inference mode is reused
+    assert torch.equal(a, b) and not b.is_inference()
+    b[0, 0] = 7  # a normal tensor: editable
+    logits = tiny(torch.tensor([[1, 2, 3]], device=DEVICE))
+    assert not logits.is_inference()
+    assert built_inside.generate(prompt, max_new_tokens=1).shape == (1, 4)
+    built_inside.reset()
+    # transformers' top_k=0 means "no top-k"
+    sampled = tiny.generate(prompt, max_new_tokens=1, temperature=1.0, top_k=0, seed=1)
+    assert sampled.shape == (1, 4)
+
+
 def test_repr_and_defaults(tiny: FlashFormer) -> None:
     text = repr(tiny)
     assert "llama: 2 layers" in text and "max_batch_size=2" in text and "KVCache" in text

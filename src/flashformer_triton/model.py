@@ -463,11 +463,12 @@ class FlashFormer(torch.nn.Module):
         ):
             self._build_runtime()
 
+    @torch.inference_mode()
     def reset(self) -> None:
         """Forget the KV cache (zero it)."""
         self.cache.reset()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def warmup(self) -> float:
         """Run the kernel once so that it is compiled (GPU) before the first real token; returns
         the seconds it took. Clears the KV cache."""
@@ -677,16 +678,22 @@ class FlashFormer(torch.nn.Module):
         """
         positions, hi_pos = self._check_forward(input_ids, input_pos)
         B, T = input_ids.shape
-        if T > 1:
-            return self._logits(self._prefill_hidden(input_ids.long(), positions, hi_pos))
-        rt = self._runtime
-        rt.ids.zero_()
-        rt.pos.zero_()
-        rt.ids[:B].copy_(input_ids[:, 0])
-        rt.pos[:B].copy_(positions[:, 0])
-        rt.launch()
-        rt.check()
-        return rt.logits[:B, None, :].clone()
+        # State (KV cache, kernel buffers) is only ever changed in inference mode, so the model
+        # works whether or not the caller is in inference mode; the result is then copied out
+        # in the caller's mode (a normal tensor unless the caller is in inference mode).
+        with torch.inference_mode():
+            if T > 1:
+                out = self._logits(self._prefill_hidden(input_ids.long(), positions, hi_pos))
+            else:
+                rt = self._runtime
+                rt.ids.zero_()
+                rt.pos.zero_()
+                rt.ids[:B].copy_(input_ids[:, 0])
+                rt.pos[:B].copy_(positions[:, 0])
+                rt.launch()
+                rt.check()
+                out = rt.logits[:B, None, :]
+        return out.clone()
 
     # generate / stream.
 
@@ -834,6 +841,7 @@ class FlashFormer(torch.nn.Module):
             self._decode_step(loop)
         loop.graph = graph
 
+    @torch.inference_mode()
     def _run(
         self,
         prompts: list[list[int]],
@@ -900,6 +908,8 @@ class FlashFormer(torch.nn.Module):
             temperature = 0.0
         elif do_sample is True and temperature == 0:
             temperature = 1.0
+        if top_k == 0 and not isinstance(top_k, bool):  # transformers' "no top-k"
+            top_k = None
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
         if eos_token_id is None:
             eos = tuple(self.config.eos_token_id)
@@ -997,4 +1007,4 @@ class FlashFormer(torch.nn.Module):
         self._check_length(prompts, max_new_tokens)
         B = len(prompts)
         for i, loop in self._run(prompts, max_new_tokens, sampling, eos, pad, seed, True):
-            yield loop.tokens[i, :B].cpu()
+            yield loop.tokens[i, :B].to("cpu", copy=True)
