@@ -40,7 +40,7 @@ from flashformer_triton.config import PRESETS, ModelConfig, UnsupportedModelErro
 from flashformer_triton.loading import _check_dtype, load_checkpoint, random_state_dict
 from flashformer_triton.plan import GpuSpec, Plan, make_plan
 from flashformer_triton.reference import apply_rope, rms_norm, rope_cos_sin
-from flashformer_triton.runtime import DecodeRuntime
+from flashformer_triton.runtime import DecodeRuntime, interpreter_active
 from flashformer_triton.sampling import SamplingConfig, make_seed, sample
 from flashformer_triton.weights import ArenaLayout, NormLayout, PackedWeights, pack_weights
 
@@ -77,20 +77,42 @@ def _warn_interpreter() -> None:
 
 
 def _check_interpreter_possible() -> None:
-    """The Triton interpreter must be on before triton.language is first imported: its
-    helpers (``tl.zeros``, ...) are then built as interpreted functions. Refuse clearly when
-    triton was imported in compiled mode (the interpreter would fail deep inside the kernel)."""
-    if "flashformer_triton.kernels.decode" in sys.modules:
-        return  # runtime.kernel_module explains this case itself
-    tl = sys.modules.get("triton.language")
-    if tl is None or type(getattr(tl, "zeros", None)).__name__ != "JITFunction":
+    """On the CPU the kernel runs in the Triton interpreter, which must be on before triton
+    is first imported (``triton.jit`` decides at decoration time, and triton.language's own
+    helpers such as ``tl.zeros`` are jit functions). Refuse clearly when this process has
+    triton, or the kernel, in compiled mode: the interpreter would fail deep in the kernel."""
+    kernel = sys.modules.get("flashformer_triton.kernels.decode")
+    if kernel is not None:
+        compiled = type(kernel.decode_step_kernel).__name__ != "InterpretedFunction"
+    else:
+        tl = sys.modules.get("triton.language")
+        compiled = tl is not None and type(getattr(tl, "zeros", None)).__name__ == "JITFunction"
+    if compiled:
+        raise RuntimeError(
+            "device='cpu' runs the decode kernel in the Triton interpreter, which has to be "
+            "switched on before triton is first imported, and this process imported triton "
+            "(transformers, torch.compile or a GPU model do) before that. Import "
+            "flashformer_triton first (without CUDA that switches the interpreter on), or set "
+            "TRITON_INTERPRET=1 in the environment (`TRITON_INTERPRET=1 python ...`, or "
+            "`os.environ['TRITON_INTERPRET'] = '1'` at the very top of the script or notebook)"
+        )
+
+
+_gpu_interpreter_warned = False
+
+
+def _warn_gpu_interpreter() -> None:
+    global _gpu_interpreter_warned
+    if _gpu_interpreter_warned:
         return
-    raise RuntimeError(
-        "device='cpu' runs the decode kernel in the Triton interpreter, which has to be "
-        "switched on before triton is first imported, and something (transformers, "
-        "torch.compile, ...) imported triton before that. Import flashformer_triton first, "
-        "or set TRITON_INTERPRET=1 in the environment (`TRITON_INTERPRET=1 python ...`, or "
-        "`os.environ['TRITON_INTERPRET'] = '1'` at the very top of the script or notebook)"
+    _gpu_interpreter_warned = True
+    warnings.warn_explicit(
+        "TRITON_INTERPRET=1 is set: the decode kernel runs in the Triton interpreter even on "
+        "the GPU (slow); unset it before starting Python for the compiled kernel",
+        InterpreterWarning,
+        filename="flashformer_triton",
+        lineno=0,
+        module="flashformer_triton",
     )
 
 
@@ -418,6 +440,8 @@ class FlashFormer(torch.nn.Module):
         if device.type == "cpu":
             _check_interpreter_possible()
             _warn_interpreter()
+        elif interpreter_active():
+            _warn_gpu_interpreter()
         with warnings.catch_warnings():
             # runtime.kernel_module warns too; ours (above) is the one-line, once-only one.
             warnings.filterwarnings("ignore", message="running the decode kernel on the CPU")
@@ -446,6 +470,8 @@ class FlashFormer(torch.nn.Module):
             )
         if probe.device.type not in ("cpu", "cuda"):
             raise ValueError(f"FlashFormer runs on 'cuda' or 'cpu', not {probe.device}")
+        if probe.device != device and probe.device.type == "cpu":
+            _check_interpreter_possible()  # before moving anything
         super()._apply(fn, recurse)
         if probe.device != device:
             self._build_runtime()  # new plan for the new chip, new kernel buffers
