@@ -16,7 +16,8 @@ of the weights. From it:
 
 The rows of a batch are KV-cache *slots* ``0 .. max_batch_size - 1``; a call with ``B`` rows
 uses slots ``0 .. B - 1``. The kernel always runs all ``max_batch_size`` rows (its plan is
-specialised on that batch); unused rows get token 0 at position 0 and are ignored.
+specialised on that batch); unused rows get token 0 at position 0 and are ignored (so a
+decode step with fewer rows overwrites position 0 of the unused slots' cache).
 """
 
 from __future__ import annotations
