@@ -4,6 +4,7 @@ quick-start notebook (its code cells executed in order on the tiny default)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -24,12 +25,16 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    # As on a fresh machine: without TRITON_INTERPRET (conftest sets it for this process);
+    # importing flashformer_triton switches the interpreter on when there is no GPU.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(
         [sys.executable, "-m", "flashformer_triton.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=env,
     )
 
 
