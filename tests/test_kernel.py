@@ -146,7 +146,9 @@ def test_impossible_dependency_raises_instead_of_hanging() -> None:
     runtime = pair.runtime
     victim = next(i for i, t in enumerate(pair.plan.tasks) if t.op.name == "OPROJ")
     runtime.tasks[victim, 6] += 1  # wait for one signal more than its producers give
-    runtime.max_spin = 50
+    # Far above any legitimate wait on a GPU (and instant in the interpreter), so the victim,
+    # which starts spinning before everything downstream of it, is the first to give up.
+    runtime.max_spin = 1 << 16 if HAS_CUDA else 50
     ids = pair.prefill([2])
     with pytest.raises(KernelHangError) as info:
         runtime.step(ids, torch.tensor([2], device=DEVICE, dtype=torch.int32))

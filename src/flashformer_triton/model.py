@@ -633,7 +633,8 @@ class FlashFormer(torch.nn.Module):
             att = F.scaled_dot_product_attention(
                 qg, keys, values, attn_mask=mask, scale=1.0 / math.sqrt(hd)
             )
-            att = att.view(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+            # reshape, not view: CUDA's SDPA kernels return other strides than the CPU's.
+            att = att.reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
             x = x + F.linear(att, w["o"])
             h = rms_norm(x, self.norms[nb + nl.mlp : nb + nl.q].to(dt), eps)
             gate, up = F.linear(h, w["gate_up"]).chunk(2, dim=-1)
