@@ -35,9 +35,12 @@ TASK_COLS = tl.constexpr(9)
 # Control block slots (runtime.CTRL_*).
 CTRL_QUEUE = tl.constexpr(0)
 CTRL_DONE = tl.constexpr(1)
-CTRL_ERR_TASK = tl.constexpr(2)  # 1 + id of the first task that timed out, 0 when fine
-CTRL_ERR_COUNTER = tl.constexpr(3)
-CTRL_ERR_SEEN = tl.constexpr(4)
+# ERR_BASE - id of the earliest task (in table order) that timed out, 0 when fine. The
+# earliest, not the first in time: with every program spinning at once, that is the task
+# closest to the cause; everything downstream of it times out too.
+CTRL_ERR_TASK = tl.constexpr(2)
+CTRL_ERR_SEEN = tl.constexpr(3)  # the count it saw (in a rare race: another failed task's)
+ERR_BASE = tl.constexpr(1 << 30)
 
 
 # ---------------------------------------------------------------- dependency protocol
@@ -61,9 +64,8 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin,
             failed = tl.load(ctrl_ptr + CTRL_ERR_TASK, volatile=True)
     ok = seen >= need
     if seen < need:
-        first = tl.atomic_cas(ctrl_ptr + CTRL_ERR_TASK, 0, task_id + 1)
-        if first == 0:
-            tl.store(ctrl_ptr + CTRL_ERR_COUNTER, counter)
+        code = ERR_BASE - task_id
+        if tl.atomic_max(ctrl_ptr + CTRL_ERR_TASK, code) < code:
             tl.store(ctrl_ptr + CTRL_ERR_SEEN, seen)
     return ok
 

@@ -16,9 +16,10 @@ from flashformer_triton.config import ModelConfig
 from flashformer_triton.plan import Op, Plan
 from flashformer_triton.weights import PackedWeights
 
-# Control block slots (kernels/decode.py CTRL_*).
-CTRL_QUEUE, CTRL_DONE, CTRL_ERR_TASK, CTRL_ERR_COUNTER, CTRL_ERR_SEEN = range(5)
+# Control block slots and the error encoding (kernels/decode.py CTRL_*, ERR_BASE).
+CTRL_QUEUE, CTRL_DONE, CTRL_ERR_TASK, CTRL_ERR_SEEN = range(4)
 CTRL_SIZE = 8
+ERR_BASE = 1 << 30
 
 # Spin iterations before a wait is declared hung. On a GPU one iteration is an L2 round trip
 # (~1 us): 2^22 is seconds, far beyond any legitimate wait within one step.
@@ -140,16 +141,19 @@ class DecodeRuntime:
 
     def check(self) -> None:
         """Raise KernelHangError if a spin-wait of the last launch timed out (syncs)."""
-        task, counter, seen = self.ctrl[CTRL_ERR_TASK:CTRL_ERR_SEEN + 1].tolist()
-        if task == 0:
+        code, seen = self.ctrl[CTRL_ERR_TASK:CTRL_ERR_SEEN + 1].tolist()
+        if code == 0:
             return
         self.ctrl.zero_()
         self.counters.zero_()
-        t = self.plan.tasks[task - 1]
+        index = ERR_BASE - code
+        # The table on the device is what ran (a test may have edited it): read the task there.
+        op, layer, a, b, c, counter, target, _, _ = self.tasks[index].tolist()
         name = self.plan.counter_names[counter] if 0 <= counter < self.plan.num_counters else "?"
         raise KernelHangError(
-            f"decode kernel gave up waiting: task {task - 1} ({Op(t.op).name}, layer {t.layer}, "
-            f"tile {t.a},{t.b},{t.c}) waited on counter {counter} '{name}' for {t.wait_target} "
-            f"signals but saw {seen} after {self.max_spin} spins. The task table is not "
-            f"topologically ordered or a producer failed; the KV cache of this step is invalid."
+            f"decode kernel gave up waiting: task {index} ({Op(op).name}, layer {layer}, "
+            f"tile {a},{b},{c}) waited on counter {counter} '{name}' for {target} signals but "
+            f"saw {seen} after {self.max_spin} spins (the earliest task in the table that gave "
+            f"up). The task table is not topologically ordered or a producer failed; the KV "
+            f"cache of this step is invalid."
         )
