@@ -136,14 +136,14 @@ def test_prefill_writes_the_cache_the_kernel_reads(tiny: FlashFormer) -> None:
     """Prefill n + 1 tokens at once, or n then one kernel step: same logits, same cache."""
     ids = torch.tensor([[1, 40, 50, 60, 70, 80]], device=DEVICE)
     whole = tiny(ids)[:, -1]
-    k_whole = tiny.cache.k_cache[:, 0, :, :6].clone()
-    v_whole = tiny.cache.v_cache[:, 0, :, :6].clone()
+    k_whole = tiny.cache.k[:, 0, :, :6].clone()
+    v_whole = tiny.cache.v[:, 0, :, :6].clone()
     tiny.reset()
     tiny(ids[:, :5])
     step = tiny(ids[:, 5:], torch.tensor([5], device=DEVICE))[:, 0]
     assert_close(step, whole, rtol_norm=1e-5, name="kernel step vs prefill")
-    assert_close(tiny.cache.k_cache[:, 0, :, :6], k_whole, rtol_norm=1e-6, name="K cache")
-    assert_close(tiny.cache.v_cache[:, 0, :, :6], v_whole, rtol_norm=1e-6, name="V cache")
+    assert_close(tiny.cache.k[:, 0, :, :6], k_whole, rtol_norm=1e-6, name="K cache")
+    assert_close(tiny.cache.v[:, 0, :, :6], v_whole, rtol_norm=1e-6, name="V cache")
 
 
 def test_decode_step_with_fewer_rows_than_slots(tiny: FlashFormer) -> None:

@@ -40,7 +40,7 @@ from torch import Tensor
 from flashformer_triton.config import PRESETS, ModelConfig, UnsupportedModelError, preset
 from flashformer_triton.loading import _check_dtype, load_checkpoint, random_state_dict
 from flashformer_triton.plan import GpuSpec, Plan, make_plan
-from flashformer_triton.reference import apply_rope, rms_norm, rope_cos_sin
+from flashformer_triton.reference import KVCache, apply_rope, rms_norm, rope_cos_sin
 from flashformer_triton.runtime import DecodeRuntime, interpreter_active
 from flashformer_triton.sampling import SamplingConfig, make_seed, sample
 from flashformer_triton.weights import ArenaLayout, NormLayout, PackedWeights, pack_weights
@@ -140,49 +140,6 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"device={str(device)!r} is not supported: use 'cuda' or 'cpu'")
     return dev
-
-
-class KVCache(torch.nn.Module):
-    """The KV cache the kernel and the prefill share: non-persistent buffers ``k_cache`` and
-    ``v_cache`` of shape ``[num_layers, max_batch_size, num_kv_heads, max_seq_len, head_dim]``
-    in the model dtype. K is stored after RoPE, in the natural (not pair-interleaved) order."""
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        max_batch_size: int,
-        max_seq_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        super().__init__()
-        shape = (
-            config.num_layers,
-            max_batch_size,
-            config.num_kv_heads,
-            max_seq_len,
-            config.head_dim,
-        )
-        self.register_buffer(
-            "k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
-        )
-        self.register_buffer(
-            "v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
-        )
-
-    def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()
-
-    def update(self, layer: int, positions: Tensor, k: Tensor, v: Tensor) -> None:
-        """Write ``k``/``v`` ``[B, T, kv_heads, head_dim]`` at ``positions`` ``[B, T]`` of
-        slots ``0 .. B - 1`` in ``layer``."""
-        slots = torch.arange(k.shape[0], device=positions.device)[:, None]
-        self.k_cache[layer][slots, :, positions] = k.to(self.k_cache.dtype)
-        self.v_cache[layer][slots, :, positions] = v.to(self.v_cache.dtype)
-
-    def extra_repr(self) -> str:
-        return f"shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}"
 
 
 @dataclass
@@ -450,8 +407,8 @@ class FlashFormer(torch.nn.Module):
                 self.config,
                 self.packed_weights(),
                 self._plan,
-                self.cache.k_cache,
-                self.cache.v_cache,
+                self.cache.k,
+                self.cache.v,
             )
 
     def _apply(self, fn, recurse: bool = True):
@@ -625,9 +582,9 @@ class FlashFormer(torch.nn.Module):
                 k = rms_norm(k, self.norms[nb + nl.k : nb + nl.layer_stride].to(dt), eps)
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-            self.cache.update(layer, positions, k, v)
-            keys = self.cache.k_cache[layer, :B, :, :end]
-            values = self.cache.v_cache[layer, :B, :, :end]
+            self.cache.update(layer, None, positions, k, v)  # slots 0 .. B-1
+            keys = self.cache.k[layer, :B, :, :end]
+            values = self.cache.v[layer, :B, :, :end]
             # Query heads of one KV group side by side: [B, KVH, G * T, hd] (GQA, no K/V copy).
             qg = q.transpose(1, 2).reshape(B, KVH, G * T, hd)
             att = F.scaled_dot_product_attention(
