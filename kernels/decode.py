@@ -43,12 +43,29 @@ CTRL_ERR_SEEN = tl.constexpr(3)  # the count it saw (in a rare race: another fai
 ERR_BASE = tl.constexpr(1 << 30)
 
 
+# ---------------------------------------------------------------- timeline (opt-in)
+# PROFILE: every task writes [program, SM, start, ready (after its wait), end] (int64, ns of
+# the global timer) to prof[task]. Inline PTX: GPU only; compiled away when PROFILE is off.
+
+
+@triton.jit
+def _now(anchor):
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [anchor],
+                                     dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _sm_id(anchor):
+    return tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [anchor], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
 # ---------------------------------------------------------------- dependency protocol
 
 
 @triton.jit
-def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin,
-          IGNORE_DEPS: tl.constexpr = False):
+def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr,
+          IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr):
     """Spin (acquire) until counters[counter] >= target; False on timeout or on another
     task's failure. counter < 0 means no dependency. IGNORE_DEPS (benchmark diagnostic only:
     results are garbage) measures the streaming without any stage barrier."""
@@ -63,6 +80,8 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin,
         if spins % 32 == 0:  # another task's failure: checked now and then, off the hot path
             failed = tl.load(ctrl_ptr + CTRL_ERR_TASK, volatile=True)
     ok = seen >= need
+    if PROFILE:
+        tl.store(prof_ptr + task_id * 5 + 3, _now(task_id))
     if seen < need:
         code = ERR_BASE - task_id
         if tl.atomic_max(ctrl_ptr + CTRL_ERR_TASK, code) < code:
@@ -347,17 +366,19 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
 
 @triton.jit
 def _residual_task(tile, w_ptr, K, x_ptr, h_ptr, norms_ptr, counters_ptr, ctrl_ptr, wait_ctr,
-                   wait_target, signal_ctr, task, max_spin,
+                   wait_target, signal_ctr, task, max_spin, prof_ptr,
                    B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr):
+                   STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
+                   PROFILE: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h.
     The first weight chunk is requested before the wait on the producers of x."""
     rows = tile * BN + tl.arange(0, BN)
     w0 = _load_w(w_ptr, rows, rows < D, K, 0, BK)
     if PF_K > 0:
         _prefetch_l2(w_ptr, rows, rows < D, K, BK, PF_K)
-    if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
+    if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
+                     IGNORE_DEPS, PROFILE):
         acc, _ = _gemv(w_ptr, rows, rows < D, K, w0, x_ptr, norms_ptr, B, BP, BN, BK, False,
                        USE_DOT, DOT_PREC, STAGES)
         _add_rows(h_ptr, rows, rows < D, acc, B, BP, D)
@@ -373,7 +394,7 @@ def decode_step_kernel(
     ids_ptr, pos_ptr,
     arena_ptr, norms_ptr, bias_ptr, embed_ptr, lm_head_ptr, inv_freq_ptr,
     k_cache_ptr, v_cache_ptr,
-    h_ptr, q_ptr, attn_ptr, act_ptr, logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr,
+    h_ptr, q_ptr, attn_ptr, act_ptr, logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, prof_ptr,
     B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
     KVH: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
@@ -383,7 +404,7 @@ def decode_step_kernel(
     BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
     QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
-    IGNORE_DEPS: tl.constexpr,
+    IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -404,20 +425,27 @@ def decode_step_kernel(
         signal_ctr = tl.load(row + 7)
         aux_ctr = tl.load(row + 8)
         layer_w = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
+        if PROFILE:
+            rec = prof_ptr + task * 5
+            tl.store(rec + 0, tl.program_id(0).to(tl.int64))
+            tl.store(rec + 1, _sm_id(task).to(tl.int64))
+            tl.store(rec + 2, _now(task))
 
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
             w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV)
             if PF_K > 0:
                 _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
+                     IGNORE_DEPS, PROFILE):
                 _qkv(layer, a, b, w0_qkv, arena_ptr, norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
                      h_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
                      LAYER_STRIDE, NORM_STRIDE, BN_QKV, BK_QKV, USE_DOT, DOT_PREC, QKV_BIAS,
                      QK_NORM, STAGES)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_ATTN:
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
+                     IGNORE_DEPS, PROFILE):
                 _attn_partial(layer, a, b, c, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                               part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
                               NSPLIT, SM_SCALE, BS, DOT_PREC)
@@ -431,8 +459,9 @@ def decode_step_kernel(
                     _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
             _residual_task(a, layer_w + OFF_O, Q, attn_ptr, h_ptr, norms_ptr, counters_ptr,
-                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin, B, BP,
-                           D, BN_O, BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS)
+                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin,
+                           prof_ptr, B, BP, D, BN_O, BK, USE_DOT, DOT_PREC, STAGES, PF_K,
+                           IGNORE_DEPS, PROFILE)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -442,7 +471,8 @@ def decode_step_kernel(
             w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK)
             if PF_K > 0:
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
+                     IGNORE_DEPS, PROFILE):
                 acc_gu, sumsq_gu = _gemv(w_gu, rows_gu, f_rows < F, D, w0_gu, h_ptr,
                                          norms_ptr + layer * NORM_STRIDE + D, B, BP, 2 * BN_UP,
                                          BK, True, USE_DOT, DOT_PREC, STAGES)
@@ -456,14 +486,16 @@ def decode_step_kernel(
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_DOWN:
             _residual_task(a, layer_w + OFF_DOWN, F, act_ptr, h_ptr, norms_ptr, counters_ptr,
-                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin, B, BP,
-                           D, BN_DOWN, BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS)
+                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin,
+                           prof_ptr, B, BP, D, BN_DOWN, BK, USE_DOT, DOT_PREC, STAGES, PF_K,
+                           IGNORE_DEPS, PROFILE)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK)
             if PF_K > 0:
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K)
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
+                     IGNORE_DEPS, PROFILE):
                 acc_lm, sumsq_lm = _gemv(lm_head_ptr, rows_lm, rows_lm < V, D, w0_lm, h_ptr,
                                          norms_ptr + L * NORM_STRIDE, B, BP, BN_LM, BK, True,
                                          USE_DOT, DOT_PREC, STAGES)
@@ -473,9 +505,12 @@ def decode_step_kernel(
                          mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))
                 _signal(counters_ptr, signal_ctr)
         else:  # OP_EMBED
-            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, IGNORE_DEPS):
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
+                     IGNORE_DEPS, PROFILE):
                 _embed(ids_ptr, embed_ptr, h_ptr, B, BP, D, BK)
                 _signal(counters_ptr, signal_ctr)
+        if PROFILE:
+            tl.store(prof_ptr + task * 5 + 4, _now(task))
         task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)
 
     # The last program out leaves the queue and counters at zero for the next launch.

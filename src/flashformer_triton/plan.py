@@ -87,6 +87,7 @@ class Tiles:
     max_registers: int = 0  # per-thread register cap (0: compiler's choice); allows more programs
     pipeline_stages: int = 3  # 0: hand double-buffering; >= 2: Triton's pipeliner, that deep
     ignore_deps: int = 0  # benchmark diagnostic ONLY: skip every wait (results are garbage)
+    profile: int = 0  # record a per-task timeline (GPU only; see flashformer_triton.profile)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ class Plan:
             "PF_K": t.l2_prefetch_k if self.gpu.num_sms > 1 else 0,
             "STAGES": t.pipeline_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
+            "PROFILE": bool(t.profile),
         }
 
     # What one step must read: the floor of a memory-bound step.

@@ -100,6 +100,11 @@ class DecodeRuntime:
         self.part_m = torch.empty(B, c.num_heads, splits, **f32)
         self.part_l = torch.empty(B, c.num_heads, splits, **f32)
         self.part_o = torch.empty(B, c.num_heads, splits, c.head_dim, **f32)
+        # Timeline records [program, SM, start, ready, end] per task (plan tile `profile`).
+        if plan.tiles.profile and dev.type != "cuda":
+            raise ValueError("the timeline profile reads GPU timers: it needs a CUDA device")
+        rows = plan.num_tasks if plan.tiles.profile else 1
+        self.timeline = torch.zeros(rows, 5, dtype=torch.int64, device=dev)
         self._constexprs = plan.constexprs()
         self.compiled = None  # the compiled kernel of the last launch (registers, spills)
         cap = plan.tiles.max_registers
@@ -122,7 +127,7 @@ class DecodeRuntime:
             w.arena, w.norms, w.qkv_bias, w.embed, w.lm_head, w.inv_freq,
             self.k_cache, self.v_cache,
             self.h, self.q, self.attn, self.act, self.logits,
-            self.part_m, self.part_l, self.part_o,
+            self.part_m, self.part_l, self.part_o, self.timeline,
             num_warps=self.plan.tiles.num_warps,
             **self._launch_options,
             **self._constexprs,

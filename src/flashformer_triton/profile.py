@@ -1,0 +1,123 @@
+"""Where the time of one decode step goes, from the kernel's own timeline.
+
+With the plan tile `profile=1` (GPU only), every task records [program, SM, start, ready,
+end] in ns of the GPU's global timer: `ready` is when its wait on the producer counter
+returned, so `ready - start` is time spent waiting (weights of the first chunk already in
+flight) and `end - ready` is the work. `summarize` turns the records into per-op totals and
+the busy fraction; `gantt_png` draws one row per program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flashformer_triton.plan import Op, Plan
+
+
+@dataclass(frozen=True)
+class OpTime:
+    op: str
+    tasks: int
+    wait_us: float  # summed over tasks
+    work_us: float
+    mean_wait_us: float
+    mean_work_us: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    span_us: float  # first task start to last task end
+    programs: int
+    busy_fraction: float  # work / (programs x span)
+    wait_fraction: float  # waiting / (programs x span)
+    per_op: list[OpTime]
+    per_layer_us: float  # mean span of one layer (first QKV start to last DOWN end)
+
+    def format(self) -> str:
+        lines = [
+            f"step span {self.span_us:.1f} us on {self.programs} programs: "
+            f"{100 * self.busy_fraction:.1f}% working, {100 * self.wait_fraction:.1f}% waiting "
+            f"on counters, the rest popping tasks or idle; {self.per_layer_us:.1f} us per layer",
+            f"{'op':<8}{'tasks':>7}{'wait us':>11}{'work us':>11}{'mean wait':>11}"
+            f"{'mean work':>11}",
+        ]
+        for t in self.per_op:
+            lines.append(f"{t.op:<8}{t.tasks:>7}{t.wait_us:>11.0f}{t.work_us:>11.0f}"
+                         f"{t.mean_wait_us:>11.2f}{t.mean_work_us:>11.2f}")
+        return "\n".join(lines)
+
+
+def summarize(plan: Plan, records: torch.Tensor) -> Summary:
+    """records: [num_tasks, 5] int64 from `DecodeRuntime.timeline` after a profiled step."""
+    if records.shape != (plan.num_tasks, 5):
+        raise ValueError(
+            f"timeline has shape {tuple(records.shape)}; a profiled step of this plan writes "
+            f"({plan.num_tasks}, 5): build the plan with profile=1 and run one step"
+        )
+    rec = records.detach().to("cpu", torch.float64)
+    start, ready, end = rec[:, 2], rec[:, 3], rec[:, 4]
+    if bool((end < ready).any() or (ready < start).any() or (start <= 0).any()):
+        raise ValueError("timeline records are incomplete or out of order: was the step run?")
+    t0 = float(start.min())
+    span = (float(end.max()) - t0) / 1e3
+    ops = torch.tensor([int(t.op) for t in plan.tasks])
+    layers = torch.tensor([t.layer for t in plan.tasks])
+    wait, work = (ready - start) / 1e3, (end - ready) / 1e3
+    per_op = []
+    for op in Op:
+        sel = ops == int(op)
+        n = int(sel.sum())
+        if n:
+            per_op.append(OpTime(op.name, n, float(wait[sel].sum()), float(work[sel].sum()),
+                                 float(wait[sel].mean()), float(work[sel].mean())))
+    in_layers = (ops != int(Op.EMBED)) & (ops != int(Op.LMHEAD))
+    layer_spans = [
+        (float(end[sel].max()) - float(start[sel].min())) / 1e3
+        for layer in range(plan.config.num_layers)
+        if (sel := in_layers & (layers == layer)).any()
+    ]
+    programs = int(rec[:, 0].max()) + 1
+    capacity = programs * span
+    return Summary(
+        span_us=span,
+        programs=programs,
+        busy_fraction=float(work.sum()) / capacity,
+        wait_fraction=float(wait.sum()) / capacity,
+        per_op=per_op,
+        per_layer_us=sum(layer_spans) / max(1, len(layer_spans)),
+    )
+
+
+def gantt_png(plan: Plan, records: torch.Tensor, path: str, *, programs: int = 64) -> None:
+    """One row per program (the first `programs`), a bar per task coloured by op, its wait
+    drawn pale. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - optional dependency
+        raise RuntimeError("gantt_png needs matplotlib: pip install matplotlib") from exc
+    rec = records.detach().to("cpu", torch.float64)
+    t0 = float(rec[:, 2].min())
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(14, 6))
+    for i, task in enumerate(plan.tasks):
+        program = int(rec[i, 0])
+        if program >= programs:
+            continue
+        start, ready, end = ((float(rec[i, k]) - t0) / 1e3 for k in (2, 3, 4))
+        color = colors(int(task.op))
+        ax.barh(program, ready - start, left=start, color=color, alpha=0.25, linewidth=0)
+        ax.barh(program, end - ready, left=ready, color=color, linewidth=0)
+    for op in Op:
+        ax.barh(0, 0, color=colors(int(op)), label=op.name)
+    ax.set_xlabel("us since the first task started")
+    ax.set_ylabel("program")
+    ax.set_title(f"{plan.config.summary()}: pale = waiting on a counter")
+    ax.legend(loc="upper right", ncols=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
