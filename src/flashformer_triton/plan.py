@@ -115,20 +115,30 @@ def _pow2(n: int) -> int:
 def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpec) -> Tiles:
     """A reasonable starting point per shape; bench/ tunes from here."""
     hd = config.head_dim
-    # Qwen3's qk-norm needs the whole head in one task; otherwise 8 rotary pairs a task.
-    qkv_rows = hd if config.qk_norm else min(hd, 16)
-    # Keep a streamed chunk near 8K elements so two chunks in flight stay in registers.
-    qkv_block_k = max(32, min(512, 8192 // qkv_rows))
     programs = gpu.num_sms * 2
     splits = _pow2(math.ceil(programs / (batch * config.num_kv_heads)))
     splits = max(1, min(splits, 64, math.ceil(max_seq_len / 64)))
 
-    def rows_for(n: int) -> int:
-        # Batch 1 may use 8-row tiles: a stage with fewer tasks than ~programs leaves SMs idle
-        # (measured on an H100: 1B O-proj/down 16 -> 8 rows, 1.505 -> 1.367 ms per step).
-        return 16 if batch > 1 or n / 16 >= 0.9 * programs else 8
+    def rows_for(n: int, choices: tuple[int, ...] = (16, 8)) -> int:
+        # A stage's last round of tasks leaves programs idle until the next stage may start:
+        # take the row count whose last round is fullest. Batch > 1 needs 16 rows (tl.dot).
+        # On an H100 this picked the faster of 16/8 rows in all 6 stage shapes measured
+        # (1B O-proj/down and QKV, 8B QKV, gate/up and O-proj/down; bench/NOTES.md).
+        if batch > 1:
+            return 16
+
+        def idle(rows: int) -> float:
+            rounds = math.ceil(n / rows) / programs
+            return math.ceil(rounds) - rounds
+
+        return min(choices, key=idle)
 
     d, f = config.hidden_size, config.intermediate_size
+    heads = config.num_heads + 2 * config.num_kv_heads
+    # Qwen3's qk-norm needs the whole head in one task.
+    qkv_rows = hd if config.qk_norm else rows_for(heads * hd, (min(hd, 16), min(hd, 8)))
+    # Keep a streamed chunk near 8K elements so two chunks in flight stay in registers.
+    qkv_block_k = max(32, min(512, 8192 // qkv_rows))
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
                  o_rows=rows_for(d), down_rows=rows_for(d), gate_up_rows=rows_for(f))
 
@@ -284,7 +294,6 @@ def make_plan(
 
     c, t = config, tiles
     d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
-    heads = c.num_heads + 2 * c.num_kv_heads
     ctr = _Counters()
     tasks: list[Task] = []
     elements: Counter[Op] = Counter()
@@ -302,21 +311,22 @@ def make_plan(
 
     for layer in range(c.num_layers):
         group_ctrs = [ctr.new(f"L{layer}.qkv[g{g}]") for g in range(c.num_kv_heads)]
-        for head in range(heads):
-            if head < c.num_heads:
-                group = head // c.group_size
-            else:
-                group = (head - c.num_heads) % c.num_kv_heads
-            for chunk in range(hd // t.qkv_rows):
-                add(
-                    Task(Op.QKV, layer, head, chunk, 0, prev_ctr, prev_target,
-                         ctr.signal(group_ctrs[group])),
-                    weights=t.qkv_rows * d,
-                )
+        # Group by group (its query heads, then its key and value head), so the first groups
+        # are complete, and their attention can start, while later groups still stream.
+        for group in range(c.num_kv_heads):
+            q_heads = range(group * c.group_size, (group + 1) * c.group_size)
+            kv_heads = (c.num_heads + group, c.num_heads + c.num_kv_heads + group)
+            for head in (*q_heads, *kv_heads):
+                for chunk in range(hd // t.qkv_rows):
+                    add(
+                        Task(Op.QKV, layer, head, chunk, 0, prev_ctr, prev_target,
+                             ctr.signal(group_ctrs[group])),
+                        weights=t.qkv_rows * d,
+                    )
 
         merged = ctr.new(f"L{layer}.merge")
-        for seq in range(batch):
-            for g in range(c.num_kv_heads):
+        for g in range(c.num_kv_heads):  # in the order the groups' QKV tasks complete
+            for seq in range(batch):
                 # Each split arrives here; the one that brings it to kv_splits merges and
                 # signals `merged` (once per sequence and kv head).
                 arrivals = ctr.new(f"L{layer}.attn[b{seq},g{g}]")
