@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from collections import OrderedDict
@@ -41,7 +40,11 @@ from flashformer_triton.config import PRESETS, ModelConfig, UnsupportedModelErro
 from flashformer_triton.loading import _check_dtype, load_checkpoint, random_state_dict
 from flashformer_triton.plan import GpuSpec, Plan, make_plan
 from flashformer_triton.reference import KVCache, apply_rope, rms_norm, rope_cos_sin
-from flashformer_triton.runtime import DecodeRuntime, interpreter_active
+from flashformer_triton.runtime import (
+    DecodeRuntime,
+    check_interpreter_possible,
+    interpreter_active,
+)
 from flashformer_triton.sampling import SamplingConfig, make_seed, sample
 from flashformer_triton.weights import ArenaLayout, NormLayout, PackedWeights, pack_weights
 
@@ -75,28 +78,6 @@ def _warn_interpreter() -> None:
         lineno=0,
         module="flashformer_triton",
     )
-
-
-def _check_interpreter_possible() -> None:
-    """On the CPU the kernel runs in the Triton interpreter, which must be on before triton
-    is first imported (``triton.jit`` decides at decoration time, and triton.language's own
-    helpers such as ``tl.zeros`` are jit functions). Refuse clearly when this process has
-    triton, or the kernel, in compiled mode: the interpreter would fail deep in the kernel."""
-    kernel = sys.modules.get("flashformer_triton.kernels.decode")
-    if kernel is not None:
-        compiled = type(kernel.decode_step_kernel).__name__ != "InterpretedFunction"
-    else:
-        tl = sys.modules.get("triton.language")
-        compiled = tl is not None and type(getattr(tl, "zeros", None)).__name__ == "JITFunction"
-    if compiled:
-        raise RuntimeError(
-            "device='cpu' runs the decode kernel in the Triton interpreter, which has to be "
-            "switched on before triton is first imported, and this process imported triton "
-            "(transformers, torch.compile or a GPU model do) before that. Import "
-            "flashformer_triton first (without CUDA that switches the interpreter on), or set "
-            "TRITON_INTERPRET=1 in the environment (`TRITON_INTERPRET=1 python ...`, or "
-            "`os.environ['TRITON_INTERPRET'] = '1'` at the very top of the script or notebook)"
-        )
 
 
 _gpu_interpreter_warned = False
@@ -395,21 +376,13 @@ class FlashFormer(torch.nn.Module):
             gpu=GpuSpec.current(device),
             **self._tiles,
         )
+        self._runtime = DecodeRuntime(
+            self.config, self.packed_weights(), self._plan, self.cache.k, self.cache.v
+        )
         if device.type == "cpu":
-            _check_interpreter_possible()
             _warn_interpreter()
         elif interpreter_active():
             _warn_gpu_interpreter()
-        with warnings.catch_warnings():
-            # runtime.kernel_module warns too; ours (above) is the one-line, once-only one.
-            warnings.filterwarnings("ignore", message="running the decode kernel on the CPU")
-            self._runtime = DecodeRuntime(
-                self.config,
-                self.packed_weights(),
-                self._plan,
-                self.cache.k,
-                self.cache.v,
-            )
 
     def _apply(self, fn, recurse: bool = True):
         # `.to()`, `.cuda()`, `.half()`, ...: find out what fn does before doing it.
@@ -429,7 +402,7 @@ class FlashFormer(torch.nn.Module):
         if probe.device.type not in ("cpu", "cuda"):
             raise ValueError(f"FlashFormer runs on 'cuda' or 'cpu', not {probe.device}")
         if probe.device != device and probe.device.type == "cpu":
-            _check_interpreter_possible()  # before moving anything
+            check_interpreter_possible()  # before moving anything
         super()._apply(fn, recurse)
         if probe.device != device:
             self._build_runtime()  # new plan for the new chip, new kernel buffers

@@ -8,7 +8,7 @@ per-step scalars and is safe to capture in a CUDA graph and replay.
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 
 import torch
 
@@ -34,22 +34,33 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def check_interpreter_possible() -> None:
+    """On the CPU the kernel runs in the Triton interpreter, which must be on before triton
+    is first imported (``triton.jit`` decides at decoration time, and triton.language's own
+    helpers such as ``tl.zeros`` are jit functions). Refuse clearly when this process has
+    triton, or the kernel, in compiled mode: the interpreter would fail deep in the kernel."""
+    kernel = sys.modules.get("flashformer_triton.kernels.decode")
+    if kernel is not None:
+        compiled = type(kernel.decode_step_kernel).__name__ != "InterpretedFunction"
+    else:
+        tl = sys.modules.get("triton.language")
+        compiled = tl is not None and type(getattr(tl, "zeros", None)).__name__ == "JITFunction"
+    if compiled:
+        raise RuntimeError(
+            "device='cpu' runs the decode kernel in the Triton interpreter, which has to be "
+            "switched on before triton is first imported, and this process imported triton "
+            "(transformers, torch.compile or a GPU model do) before that. Import "
+            "flashformer_triton first (without CUDA that switches the interpreter on), or set "
+            "TRITON_INTERPRET=1 in the environment (`TRITON_INTERPRET=1 python ...`, or "
+            "`os.environ['TRITON_INTERPRET'] = '1'` at the very top of the script or notebook)"
+        )
+
+
 def kernel_module(device: torch.device):
     """Import the kernels, switching Triton to its interpreter for CPU tensors."""
-    if device.type == "cpu" and not interpreter_active():
-        import sys
-
-        if "flashformer_triton.kernels.decode" in sys.modules:
-            raise RuntimeError(
-                "the kernels were already compiled for the GPU in this process; set "
-                "TRITON_INTERPRET=1 before importing flashformer_triton to run on the CPU"
-            )
+    if device.type == "cpu":
+        check_interpreter_possible()
         os.environ["TRITON_INTERPRET"] = "1"
-        warnings.warn(
-            "running the decode kernel on the CPU through the Triton interpreter (slow; for "
-            "tests and tiny models)",
-            stacklevel=3,
-        )
     elif device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for but CUDA is not available; use 'cpu'")
     from flashformer_triton.kernels import decode
