@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import triton
 
-from flashformer_triton.config import preset
+from flashformer_triton.config import ModelConfig, preset
 from flashformer_triton.loading import random_state_dict
 from flashformer_triton.plan import make_plan
 from flashformer_triton.reference import ReferenceModel
 from flashformer_triton.runtime import DecodeRuntime
-from flashformer_triton.weights import pack_weights
+from flashformer_triton.weights import PackedWeights, pack_weights
 
 RESULTS = Path(__file__).parent / "results"
 _T0 = time.time()
@@ -75,30 +75,45 @@ def graph_of(fn):
     return graph.replay
 
 
-def bench_shape(name: str, batch: int, pos: int, bandwidth: float, peers: list[str],
-                max_seq_len: int | None = None, **tiles: int) -> list[dict]:
+def random_weights(name: str) -> tuple[ModelConfig, dict[str, torch.Tensor], PackedWeights]:
+    """A preset shape with deterministic random bf16 weights on the GPU, packed for the kernel
+    (the state dict too, for peers that need it: drop it when done)."""
     config = preset(name)
-    log(f"{name} batch {batch} pos {pos}: building weights")
-    max_seq_len = max_seq_len or max(1024, pos + 64)
     state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
-    weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
-    ref = None
-    if peers:
-        ref = ReferenceModel(config, state, max_batch_size=batch, max_seq_len=max_seq_len,
-                             dtype=torch.bfloat16, device="cuda", check_positions=False)
-    del state
-    torch.cuda.empty_cache()
+    return config, state, pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
 
+
+def decode_runtime(config: ModelConfig, weights: PackedWeights, *, batch: int, pos: int,
+                   max_seq_len: int | None = None, **tiles: int) -> DecodeRuntime:
+    """Plan + random KV cache + runtime, its ids/pos buffers set for a step at `pos`
+    (then time `runtime.launch`)."""
+    max_seq_len = max_seq_len or max(1024, pos + 64)
     plan = make_plan(config, batch=batch, max_seq_len=max_seq_len, dtype=torch.bfloat16,
                      **tiles)
     shape = (config.num_layers, batch, config.num_kv_heads, max_seq_len, config.head_dim)
     k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    v = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    runtime = DecodeRuntime(config, weights, plan, k, v)
-    positions = torch.full((batch,), pos, dtype=torch.int32, device="cuda")
-    ids = torch.randint(0, config.vocab_size, (batch,), device="cuda", dtype=torch.int32)
+    runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))
+    runtime.ids.random_(0, config.vocab_size)
+    runtime.pos.fill_(pos)
+    return runtime
+
+
+def bench_shape(name: str, batch: int, pos: int, bandwidth: float, peers: list[str],
+                max_seq_len: int | None = None, **tiles: int) -> list[dict]:
+    log(f"{name} batch {batch} pos {pos}: building weights")
+    config, state, weights = random_weights(name)
+    runtime = decode_runtime(config, weights, batch=batch, pos=pos, max_seq_len=max_seq_len,
+                             **tiles)
+    plan = runtime.plan
+    ref = None
+    if peers:
+        ref = ReferenceModel(config, state, max_batch_size=batch, max_seq_len=plan.max_seq_len,
+                             dtype=torch.bfloat16, device="cuda", check_positions=False)
+    del state
+    torch.cuda.empty_cache()
     log("compiling the kernel")
-    runtime.step(ids, positions)  # compile + hang check
+    runtime.launch()
+    runtime.check()
     log(plan.summary())
 
     step_bytes = plan.step_bytes([pos] * batch)
@@ -117,17 +132,17 @@ def bench_shape(name: str, batch: int, pos: int, bandwidth: float, peers: list[s
     log(f"kernel in a CUDA graph {rows[-1]['ms']:.3f} ms")
 
     if "compile" in peers and ref is not None:
-        ref.cache.k.copy_(k)
-        ref.cache.v.copy_(v)
+        ref.cache.k.copy_(runtime.k_cache)
+        ref.cache.v.copy_(runtime.v_cache)
         step = torch.compile(ref, mode="reduce-overhead", fullgraph=True)
-        ids_in = ids[:, None].long()
-        pos_in = positions.long()
+        ids_in = runtime.ids[:, None].long()
+        pos_in = runtime.pos.long()
         log("torch.compile peer: compiling")
         with torch.no_grad():
             rows.append(row("torch.compile reduce-overhead", time_ms(
                 lambda: step(ids_in, pos_in), warmup=5)))
         log(f"torch.compile peer {rows[-1]['ms']:.3f} ms")
-    del runtime, weights, ref, k, v
+    del runtime, weights, ref
     torch.cuda.empty_cache()
     return rows
 

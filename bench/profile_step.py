@@ -14,13 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_decode import decode_runtime, random_weights
 
-from flashformer_triton.config import preset
-from flashformer_triton.loading import random_state_dict
-from flashformer_triton.plan import make_plan
 from flashformer_triton.profile import gantt_png, summarize
-from flashformer_triton.runtime import DecodeRuntime
-from flashformer_triton.weights import pack_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,20 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
         return 2
-    config = preset(args.shape)
-    state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
-    weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
+    config, state, weights = random_weights(args.shape)
     del state
-    max_seq = max(1024, args.pos + 64)
-    plan = make_plan(config, batch=args.batch, max_seq_len=max_seq, dtype=torch.bfloat16,
-                     profile=1)
-    shape = (config.num_layers, args.batch, config.num_kv_heads, max_seq, config.head_dim)
-    k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))
-    ids = torch.randint(0, config.vocab_size, (args.batch,), device="cuda", dtype=torch.int32)
-    pos = torch.full((args.batch,), args.pos, dtype=torch.int32, device="cuda")
+    runtime = decode_runtime(config, weights, batch=args.batch, pos=args.pos, profile=1)
+    plan = runtime.plan
     for _ in range(3):  # compile, warm up, then the recorded step
-        runtime.step(ids, pos)
+        runtime.launch()
+        runtime.check()
     summary = summarize(plan, runtime.timeline)
     print(f"{args.shape} batch {args.batch} pos {args.pos}")
     print(summary.format())

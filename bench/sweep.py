@@ -13,14 +13,9 @@ import argparse
 import sys
 from dataclasses import asdict
 
-import torch
-from bench_decode import copy_bandwidth, log, time_ms
+from bench_decode import copy_bandwidth, decode_runtime, log, random_weights, time_ms
 
-from flashformer_triton.config import preset
-from flashformer_triton.loading import random_state_dict
 from flashformer_triton.plan import make_plan
-from flashformer_triton.runtime import DecodeRuntime
-from flashformer_triton.weights import pack_weights
 
 
 def parse(config: str) -> dict[str, int]:
@@ -35,24 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pos", type=int, default=512)
     parser.add_argument("--configs", nargs="+", default=[""])
     args = parser.parse_args(argv)
-    config = preset(args.shape)
     bandwidth = copy_bandwidth()
-    state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
-    weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
+    config, state, weights = random_weights(args.shape)
     del state
-    max_seq = max(1024, args.pos + 64)
-    shape = (config.num_layers, args.batch, config.num_kv_heads, max_seq, config.head_dim)
-    k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    v = torch.randn_like(k)
-    ids = torch.randint(0, config.vocab_size, (args.batch,), device="cuda", dtype=torch.int32)
-    pos = torch.full((args.batch,), args.pos, dtype=torch.int32, device="cuda")
     results = []
     for text in args.configs:
         try:
-            plan = make_plan(config, batch=args.batch, max_seq_len=max_seq,
-                             dtype=torch.bfloat16, **parse(text))
-            runtime = DecodeRuntime(config, weights, plan, k, v)
-            runtime.step(ids, pos)
+            runtime = decode_runtime(config, weights, batch=args.batch, pos=args.pos,
+                                     **parse(text))
+            plan = runtime.plan
+            runtime.launch()
+            runtime.check()
             ms = time_ms(runtime.launch, inner=10, repeats=9)
             runtime.check()
         except Exception as exc:  # a config that does not compile or hangs: report, go on
@@ -68,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if results:
         best = min(results)
         print(f"best: {best[1] or 'defaults'} {best[0]:.3f} ms; defaults were "
-              f"{asdict(make_plan(config, batch=args.batch, max_seq_len=max_seq).tiles)}")
+              f"{asdict(make_plan(config, batch=args.batch, max_seq_len=plan.max_seq_len).tiles)}")
     return 0
 
 
