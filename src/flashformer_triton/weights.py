@@ -75,11 +75,6 @@ class PackedWeights:
     def dtype(self) -> torch.dtype:
         return self.arena.dtype
 
-    def streamed_bytes(self) -> int:
-        """Bytes of weights one decode step must read (embedding rows are negligible)."""
-        size = self.arena.element_size()
-        return (self.arena.numel() + self.lm_head.numel()) * size + self.norms.numel() * 4
-
 
 def pack_weights(
     config: ModelConfig,
