@@ -101,12 +101,25 @@ def _signal(counters_ptr, counter):
 
 
 @triton.jit
-def _load_w(w_ptr, rows, row_mask, K, k0, BK: tl.constexpr):
-    """A [rows, BK] chunk of a row-major weight matrix with K columns (read once: evict first)."""
-    kk = k0 + tl.arange(0, BK)
-    mask = row_mask[:, None] & (kk[None, :] < K)
-    return tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=mask, other=0.0,
-                   eviction_policy="evict_first")
+def _load_w(w_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
+            GROUP: tl.constexpr):
+    """The stored codes of a [rows, BK] chunk of a row-major [?, K] weight matrix (read once:
+    evict first). Model dtype or int8: [BN, BK]. int4 (two columns per byte): the chunk's
+    BK // GROUP groups as [BN, groups, GROUP // 2] bytes, so each group meets its scale by
+    broadcasting."""
+    if WBITS == 4:
+        HALF_G: tl.constexpr = GROUP // 2
+        grp = k0 // GROUP + tl.arange(0, BK // GROUP)
+        byte = grp[None, :, None] * HALF_G + tl.arange(0, HALF_G)[None, None, :]
+        mask = row_mask[:, None, None] & (grp < K // GROUP)[None, :, None]
+        out = tl.load(w_ptr + rows[:, None, None] * (K // 2) + byte, mask=mask, other=0,
+                      eviction_policy="evict_first")
+    else:
+        kk = k0 + tl.arange(0, BK)
+        mask = row_mask[:, None] & (kk[None, :] < K)
+        out = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=mask, other=0,
+                      eviction_policy="evict_first")
+    return out
 
 
 @triton.jit
@@ -124,7 +137,7 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _mv(w, x, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """x [BP, BK] fp32 times w [BN, BK]^T -> [BP, BN] fp32."""
+    """x [BP, BK] fp32 times w [BN, BK]^T -> [BP, BN] fp32 (tl.dot in w's dtype)."""
     if USE_DOT:
         out = _dot(x.to(w.dtype), tl.trans(w), DOT_PREC)
     else:
@@ -133,57 +146,99 @@ def _mv(w, x, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptr, norm_ptr, K, k0, B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
-            NORM: tl.constexpr):
-    """A [BP, BK] chunk of the activations (from L2: written by other programs this launch)
-    and, for a fused RMSNorm, the matching chunk of its weight."""
+def _load_x(x_ptr, norm_ptr, cols, K, B: tl.constexpr, BP: tl.constexpr, NORM: tl.constexpr):
+    """Columns `cols` of the activations [BP, len(cols)] (from L2: written by other programs
+    this launch): (x times the matching RMSNorm weights for a fused norm, sum of x^2 over the
+    columns before them, for the norm's 1/rms)."""
     bidx = tl.arange(0, BP)
-    kk = k0 + tl.arange(0, BK)
-    xmask = (bidx[:, None] < B) & (kk[None, :] < K)
-    x = tl.load(x_ptr + bidx[:, None] * K + kk[None, :], mask=xmask, other=0.0,
+    xmask = (bidx[:, None] < B) & (cols[None, :] < K)
+    x = tl.load(x_ptr + bidx[:, None] * K + cols[None, :], mask=xmask, other=0.0,
                 cache_modifier=".cg")
     if NORM:
-        g = tl.load(norm_ptr + kk, mask=kk < K, other=0.0)
+        sq = tl.sum(x * x, axis=1)
+        x = x * tl.load(norm_ptr + cols, mask=cols < K, other=0.0)[None, :]
     else:
-        g = tl.full([BK], 1.0, dtype=tl.float32)
-    return x, g
+        sq = tl.zeros([BP], dtype=tl.float32)
+    return x, sq
 
 
 @triton.jit
-def _gemv(w_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
+def _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+              B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+              NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+              WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+              CDT: tl.constexpr):
+    """One streamed chunk: (w dequantized) times x for columns k0..k0+BK -> [BP, BN], and the
+    chunk's sum of x^2 (for RMSNorm).
+
+    int4 is dequantized here, per group: (code - zero) * scale in fp32 (the maths of
+    quantize.dequantize); the low nibbles are the even columns, the high nibbles the odd
+    ones, so each meets its own half of x. int8 codes enter the product as they are: the
+    per-row scale is applied once, after the last chunk (_gemv)."""
+    if WBITS == 4:
+        HALF_K: tl.constexpr = BK // 2
+        even = k0 + 2 * tl.arange(0, HALF_K)
+        xe, sq_e = _load_x(x_ptr, norm_ptr, even, K, B, BP, NORM)
+        xo, sq_o = _load_x(x_ptr, norm_ptr, even + 1, K, B, BP, NORM)
+        grp = k0 // GROUP + tl.arange(0, BK // GROUP)
+        smask = row_mask[:, None] & (grp < K // GROUP)[None, :]
+        sidx = rows[:, None] * (K // GROUP) + grp[None, :]
+        scale = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+        if HAS_ZEROS:
+            zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)[:, :, None]
+        else:
+            zero = 8.0
+        lo = tl.reshape(((w & 15).to(tl.float32) - zero) * scale, [BN, HALF_K])
+        hi = tl.reshape(((w >> 4).to(tl.float32) - zero) * scale, [BN, HALF_K])
+        if USE_DOT and DOT_PREC != "upcast":  # (the interpreter's fp32->bf16 truncates)
+            lo = lo.to(CDT)
+            hi = hi.to(CDT)
+        out = _mv(lo, xe, USE_DOT, DOT_PREC) + _mv(hi, xo, USE_DOT, DOT_PREC)
+        sq = sq_e + sq_o
+    else:
+        x, sq = _load_x(x_ptr, norm_ptr, k0 + tl.arange(0, BK), K, B, BP, NORM)
+        if WBITS == 8 and USE_DOT:
+            # |code| <= 127: exact in bf16/fp16. Through fp32: the Triton interpreter
+            # converts int8 straight to bf16 wrongly.
+            w = w.to(tl.float32).to(CDT)
+        out = _mv(w, x, USE_DOT, DOT_PREC)
+    return out, sq
+
+
+@triton.jit
+def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-          STAGES: tl.constexpr):
+          STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
+          HAS_ZEROS: tl.constexpr, CDT: tl.constexpr):
     """acc[b, n] = sum_k W[rows[n], k] * x[b, k] (* norm[k]) with the first chunk already
-    loaded. The next chunk's weights AND activations are requested before the current chunk's
-    maths, so neither an HBM nor an L2 round trip is exposed per chunk. Also returns
-    sum_k x[b, k]^2 so the caller can apply RMSNorm's 1/rms afterwards."""
-    acc = tl.zeros([BP, BN], dtype=tl.float32)
-    sumsq = tl.zeros([BP], dtype=tl.float32)
+    loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at z_ptr,
+    indexed like the rows). Also returns sum_k x[b, k]^2 so the caller can apply RMSNorm's
+    1/rms afterwards."""
+    acc, sumsq = _chunk_mv(w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, 0, B, BP,
+                           BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
-        x0, g0 = _load_x(x_ptr, norm_ptr, K, 0, B, BP, BK, NORM)
-        if NORM:
-            sumsq += tl.sum(x0 * x0, axis=1)
-        acc += _mv(w_first, x0 * g0[None, :], USE_DOT, DOT_PREC)
         for k0 in tl.range(BK, K, BK, num_stages=STAGES):
-            w = _load_w(w_ptr, rows, row_mask, K, k0, BK)
-            x, g = _load_x(x_ptr, norm_ptr, K, k0, B, BP, BK, NORM)
-            if NORM:
-                sumsq += tl.sum(x * x, axis=1)
-            acc += _mv(w, x * g[None, :], USE_DOT, DOT_PREC)
-        return acc, sumsq
-    w_cur = w_first
-    x_cur, g_cur = _load_x(x_ptr, norm_ptr, K, 0, B, BP, BK, NORM)
-    for k0 in range(0, K, BK):
-        w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK)
-        x_next, g_next = _load_x(x_ptr, norm_ptr, K, k0 + BK, B, BP, BK, NORM)
-        if NORM:
-            sumsq += tl.sum(x_cur * x_cur, axis=1)
-        acc += _mv(w_cur, x_cur * g_cur[None, :], USE_DOT, DOT_PREC)
-        w_cur = w_next
-        x_cur = x_next
-        g_cur = g_next
+            w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP)
+            part, sq = _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B,
+                                 BP, BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS,
+                                 CDT)
+            acc += part
+            sumsq += sq
+    else:
+        # Hand double-buffering: the next chunk is requested before this one's maths.
+        w_next = _load_w(w_ptr, rows, row_mask, K, BK, BK, WBITS, GROUP)
+        for k0 in range(BK, K, BK):
+            w_cur = w_next
+            w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP)
+            part, sq = _chunk_mv(w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+                                 B, BP, BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP,
+                                 HAS_ZEROS, CDT)
+            acc += part
+            sumsq += sq
+    if WBITS == 8:
+        acc = acc * tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     return acc, sumsq
 
 
@@ -225,13 +280,14 @@ def _embed(ids_ptr, embed_ptr, h_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.c
 
 
 @triton.jit
-def _qkv(layer, head, chunk, w_first, arena_ptr, norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
-         h_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, inv_freq_ptr,
+         pos_ptr, h_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
          B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
          KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr, EPS: tl.constexpr,
-         LAYER_STRIDE: tl.constexpr, NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr,
-         BK_QKV: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-         QKV_BIAS: tl.constexpr, QK_NORM: tl.constexpr, STAGES: tl.constexpr):
+         NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
+         USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
+         QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
+         HAS_ZEROS: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, then bias, qk-norm, RoPE and the store
     to q (query heads) or to the KV cache at each sequence's position (key/value heads)."""
     PAIRS: tl.constexpr = BN_QKV // 2
@@ -239,10 +295,10 @@ def _qkv(layer, head, chunk, w_first, arena_ptr, norms_ptr, bias_ptr, inv_freq_p
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
     rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
     row_mask = rows < QKV_ROWS
-    w_ptr = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
     nbase = norms_ptr + layer * NORM_STRIDE
-    acc, sumsq = _gemv(w_ptr, rows, row_mask, D, w_first, h_ptr, nbase, B, BP, BN_QKV, BK_QKV,
-                       True, USE_DOT, DOT_PREC, STAGES)
+    acc, sumsq = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, w_first, h_ptr, nbase, B, BP,
+                       BN_QKV, BK_QKV, True, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
+                       k_cache_ptr.dtype.element_ty)
     acc = acc * tl.rsqrt(sumsq / D + EPS)[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
@@ -365,22 +421,23 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
 
 
 @triton.jit
-def _residual_task(tile, w_ptr, K, x_ptr, h_ptr, norms_ptr, counters_ptr, ctrl_ptr, wait_ctr,
-                   wait_target, signal_ctr, task, max_spin, prof_ptr,
+def _residual_task(tile, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, norms_ptr, counters_ptr,
+                   ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin, prof_ptr,
                    B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                    BK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                    STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
-                   PROFILE: tl.constexpr):
+                   PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_ZEROS: tl.constexpr, CDT: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h.
     The first weight chunk is requested before the wait on the producers of x."""
     rows = tile * BN + tl.arange(0, BN)
-    w0 = _load_w(w_ptr, rows, rows < D, K, 0, BK)
+    w0 = _load_w(w_ptr, rows, rows < D, K, 0, BK, WBITS, GROUP)
     if PF_K > 0:
         _prefetch_l2(w_ptr, rows, rows < D, K, BK, PF_K)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-        acc, _ = _gemv(w_ptr, rows, rows < D, K, w0, x_ptr, norms_ptr, B, BP, BN, BK, False,
-                       USE_DOT, DOT_PREC, STAGES)
+        acc, _ = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, w0, x_ptr, norms_ptr, B, BP, BN,
+                       BK, False, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT)
         _add_rows(h_ptr, rows, rows < D, acc, B, BP, D)
         _signal(counters_ptr, signal_ctr)
 
@@ -392,14 +449,19 @@ def _residual_task(tile, w_ptr, K, x_ptr, h_ptr, norms_ptr, counters_ptr, ctrl_p
 def decode_step_kernel(
     tasks_ptr, n_tasks, ctrl_ptr, counters_ptr, n_counters, max_spin,
     ids_ptr, pos_ptr,
-    arena_ptr, norms_ptr, bias_ptr, embed_ptr, lm_head_ptr, inv_freq_ptr,
+    arena_ptr, scales_ptr, zeros_ptr, norms_ptr, bias_ptr, embed_ptr, lm_head_ptr,
+    lm_scales_ptr, lm_zeros_ptr, inv_freq_ptr,
     k_cache_ptr, v_cache_ptr,
     h_ptr, q_ptr, attn_ptr, act_ptr, logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, prof_ptr,
     B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
     KVH: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
     EPS: tl.constexpr, SM_SCALE: tl.constexpr,
-    LAYER_STRIDE: tl.constexpr, NORM_STRIDE: tl.constexpr,
+    LAYER_STRIDE: tl.constexpr, OFF_O: tl.constexpr, OFF_GU: tl.constexpr,
+    OFF_DOWN: tl.constexpr, NORM_STRIDE: tl.constexpr,
+    WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, LM_WBITS: tl.constexpr,
+    SCALE_STRIDE: tl.constexpr, SOFF_O: tl.constexpr, SOFF_GU: tl.constexpr,
+    SOFF_DOWN: tl.constexpr,
     BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
     BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
@@ -408,9 +470,7 @@ def decode_step_kernel(
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
-    OFF_O: tl.constexpr = QKV_ROWS * D
-    OFF_GU: tl.constexpr = OFF_O + D * Q
-    OFF_DOWN: tl.constexpr = OFF_GU + 2 * F * D
+    CDT: tl.constexpr = embed_ptr.dtype.element_ty  # the model dtype (tl.dot operands)
 
     task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)
     while task < n_tasks:
@@ -425,6 +485,8 @@ def decode_step_kernel(
         signal_ctr = tl.load(row + 7)
         aux_ctr = tl.load(row + 8)
         layer_w = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
+        layer_s = scales_ptr + layer.to(tl.int64) * SCALE_STRIDE
+        layer_z = zeros_ptr + layer.to(tl.int64) * SCALE_STRIDE
         if PROFILE:
             rec = prof_ptr + task * 5
             tl.store(rec + 0, tl.program_id(0).to(tl.int64))
@@ -433,15 +495,15 @@ def decode_step_kernel(
 
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
-            w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV)
+            w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP)
             if PF_K > 0:
                 _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                _qkv(layer, a, b, w0_qkv, arena_ptr, norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr,
-                     h_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
-                     LAYER_STRIDE, NORM_STRIDE, BN_QKV, BK_QKV, USE_DOT, DOT_PREC, QKV_BIAS,
-                     QK_NORM, STAGES)
+                _qkv(layer, a, b, w0_qkv, layer_w, layer_s, layer_z, norms_ptr, bias_ptr,
+                     inv_freq_ptr, pos_ptr, h_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H,
+                     KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV, USE_DOT, DOT_PREC,
+                     QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_ATTN:
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -458,24 +520,27 @@ def decode_step_kernel(
                                 GP, NSPLIT, NSPLIT_P)
                     _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
-            _residual_task(a, layer_w + OFF_O, Q, attn_ptr, h_ptr, norms_ptr, counters_ptr,
-                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin,
-                           prof_ptr, B, BP, D, BN_O, BK, USE_DOT, DOT_PREC, STAGES, PF_K,
-                           IGNORE_DEPS, PROFILE)
+            _residual_task(a, layer_w + OFF_O, layer_s + SOFF_O, layer_z + SOFF_O, Q, attn_ptr,
+                           h_ptr, norms_ptr, counters_ptr, ctrl_ptr, wait_ctr, wait_target,
+                           signal_ctr, task, max_spin, prof_ptr, B, BP, D, BN_O, BK, USE_DOT,
+                           DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
+                           HAS_ZEROS, CDT)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
             f_rows = a * BN_UP + j // 2
             rows_gu = f_rows + (j % 2) * F
             w_gu = layer_w + OFF_GU
-            w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK)
+            w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP)
             if PF_K > 0:
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                acc_gu, sumsq_gu = _gemv(w_gu, rows_gu, f_rows < F, D, w0_gu, h_ptr,
+                acc_gu, sumsq_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu,
+                                         f_rows < F, D, w0_gu, h_ptr,
                                          norms_ptr + layer * NORM_STRIDE + D, B, BP, 2 * BN_UP,
-                                         BK, True, USE_DOT, DOT_PREC, STAGES)
+                                         BK, True, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP,
+                                         HAS_ZEROS, CDT)
                 acc_gu = acc_gu * tl.rsqrt(sumsq_gu / D + EPS)[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
@@ -485,20 +550,23 @@ def decode_step_kernel(
                          mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_DOWN:
-            _residual_task(a, layer_w + OFF_DOWN, F, act_ptr, h_ptr, norms_ptr, counters_ptr,
-                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin,
-                           prof_ptr, B, BP, D, BN_DOWN, BK, USE_DOT, DOT_PREC, STAGES, PF_K,
-                           IGNORE_DEPS, PROFILE)
+            _residual_task(a, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, layer_z + SOFF_DOWN, F,
+                           act_ptr, h_ptr, norms_ptr, counters_ptr, ctrl_ptr, wait_ctr,
+                           wait_target, signal_ctr, task, max_spin, prof_ptr, B, BP, D, BN_DOWN,
+                           BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS,
+                           GROUP, HAS_ZEROS, CDT)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
-            w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK)
+            w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP)
             if PF_K > 0:
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                acc_lm, sumsq_lm = _gemv(lm_head_ptr, rows_lm, rows_lm < V, D, w0_lm, h_ptr,
+                acc_lm, sumsq_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm,
+                                         rows_lm < V, D, w0_lm, h_ptr,
                                          norms_ptr + L * NORM_STRIDE, B, BP, BN_LM, BK, True,
-                                         USE_DOT, DOT_PREC, STAGES)
+                                         USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, HAS_ZEROS,
+                                         CDT)
                 acc_lm = acc_lm * tl.rsqrt(sumsq_lm / D + EPS)[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,

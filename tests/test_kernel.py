@@ -9,12 +9,20 @@ the kernel's cache, and from there each keeps its own cache.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import FAMILIES, HAS_CUDA, assert_close, build_hf_model
 
 from flashformer_triton.config import ModelConfig
 from flashformer_triton.plan import make_plan
+from flashformer_triton.quantize import (
+    QuantizedLinear,
+    QuantScheme,
+    dequantize_state,
+    quantize_state,
+)
 from flashformer_triton.reference import ReferenceModel
 from flashformer_triton.runtime import DecodeRuntime, KernelHangError
 from flashformer_triton.weights import pack_weights
@@ -29,14 +37,29 @@ class Pair:
     """A reference model and a kernel runtime over the same weights and KV cache."""
 
     def __init__(self, config: ModelConfig, state: dict, *, batch: int, dtype: torch.dtype,
-                 max_seq_len: int = 48, **tiles: int) -> None:
+                 max_seq_len: int = 48, quant: QuantScheme | None = None, **tiles: int) -> None:
         self.config = config
-        rounded = {name: t.to(dtype).float() for name, t in state.items()}
-        self.ref = ReferenceModel(config, rounded, max_batch_size=batch, max_seq_len=max_seq_len,
-                                  dtype=torch.float32, device=DEVICE)
+        ref_config = config
+        if quant is not None:
+            # Oracle weights: what the kernel multiplies with. Batch 1 dequantizes in fp32;
+            # on the GPU batch > 1 rounds the dequantized tile to the model dtype for tl.dot
+            # (the interpreter keeps fp32: its fp32 -> bf16 conversion truncates).
+            state = quantize_state(config.num_layers, state, quant,
+                                   tied=config.tie_word_embeddings)
+            exact = batch == 1 or DEVICE == "cpu"
+            oracle = dequantize_state(state, torch.float32 if exact else dtype)
+            if quant.lm_head:  # its own (quantized) copy even when the embeddings are tied
+                ref_config = dataclasses.replace(config, tie_word_embeddings=False)
+        else:
+            oracle = state
+        rounded = {name: t.to(dtype).float() if name not in state or not isinstance(
+            state[name], QuantizedLinear) else t.float() for name, t in oracle.items()}
+        self.ref = ReferenceModel(ref_config, rounded, max_batch_size=batch,
+                                  max_seq_len=max_seq_len, dtype=torch.float32, device=DEVICE)
         self.weights = pack_weights(config, state, dtype=dtype, device=DEVICE)
         tiles = {**(CPU_TILES if DEVICE == "cpu" else {}), **tiles}
-        self.plan = make_plan(config, batch=batch, max_seq_len=max_seq_len, dtype=dtype, **tiles)
+        self.plan = make_plan(config, batch=batch, max_seq_len=max_seq_len, dtype=dtype,
+                              quant=self.weights.scheme, **tiles)
         cache = torch.empty_like(self.ref.cache.k, dtype=dtype)
         self.runtime = DecodeRuntime(config, self.weights, self.plan, cache, cache.clone())
 

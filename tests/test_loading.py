@@ -303,12 +303,13 @@ def test_unsupported_config_in_checkpoint(hf_checkpoint, tmp_path):
         load_checkpoint(out)
 
 
-def test_quantized_checkpoint_refused(hf_checkpoint, tmp_path):
+def test_unsupported_quantized_checkpoint_refused(hf_checkpoint, tmp_path):
+    """GPTQ/AWQ int4 load (tests/test_quantize.py); other methods are named and refused."""
     out = copy_checkpoint(hf_checkpoint("llama").path, tmp_path / "ckpt")
     cfg = json.loads((out / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="quantised checkpoint.*'gptq'"):
+    with pytest.raises(UnsupportedModelError, match="quant_method='bitsandbytes'.*'gptq'"):
         load_checkpoint(out)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from flashformer_triton.config import ARCHITECTURES, ModelConfig, UnsupportedModelError
+from flashformer_triton.quantize import QuantizedLinear
 
 __all__ = [
     "CheckpointNotFoundError",
@@ -287,8 +288,12 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     revision: str | None = None,
     progress: bool = False,
-) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedLinear]]:
     """Read a Hugging Face checkpoint: its ``ModelConfig`` and its tensors.
+
+    A pre-quantized GPTQ or AWQ checkpoint (int4, ``quantization_config`` in config.json)
+    gives its projection matrices as ``quantize.QuantizedLinear`` values under the usual
+    ``<prefix>.weight`` names, converted exactly (``quant_formats``); other tensors as usual.
 
     Tensors are read one at a time from the safetensors file(s), cast to ``dtype`` and
     moved to ``device``, so the host never holds more than one tensor beyond what the
@@ -313,15 +318,29 @@ def load_checkpoint(
             "*.safetensors files"
         )
     raw = json.loads(config_file.read_text())
-    if raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?")
-        raise UnsupportedModelError(
-            f"{path} is a quantised checkpoint (quant_method={method!r}); give the bf16/fp16/"
-            "fp32 original instead"
-        )
+    qcfg = raw.get("quantization_config") or None
+    if qcfg is not None:
+        from flashformer_triton import quant_formats
+
+        quant_formats.scheme_from_quantization_config(qcfg)  # unsupported -> clear error
     config = ModelConfig.from_hf_dict(raw)
-    shapes = expected_shapes(config)
+    shapes: dict[str, tuple[int, ...] | None] = dict(expected_shapes(config))
     weight_map, files = _weight_files(path)
+    # Pre-quantized (GPTQ/AWQ): each quantized linear is read as its packed tensors (shapes
+    # checked by the converter) and converted to a QuantizedLinear after reading.
+    quantized: dict[str, tuple[int, int]] = {}  # prefix -> (out, in) features
+    optional: set[str] = set()
+    if qcfg is not None:
+        stored = set(weight_map) if weight_map is not None else _tensor_names(files)
+        for prefix in quant_formats.quantized_linear_prefixes(config.num_layers, stored):
+            weight = f"{prefix}.weight"
+            quantized[prefix] = (expected_shapes(config).get(weight)
+                                 or (config.vocab_size, config.hidden_size))
+            shapes.pop(weight, None)
+            for name in quant_formats.quantized_tensor_names(prefix, qcfg):
+                shapes[name] = None
+            if f"{prefix}.g_idx" in shapes:
+                optional.add(f"{prefix}.g_idx")  # older GPTQ checkpoints leave it out
 
     # Which file holds which tensor.
     location: dict[str, Path] = {}
@@ -335,6 +354,8 @@ def load_checkpoint(
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     if name in shapes and name not in location:
                         location[name] = file
+    for name in optional - set(location):
+        del shapes[name]
     missing = [n for n in shapes if n not in location]
     if missing:
         searched = INDEX_FILE if weight_map is not None else ", ".join(f.name for f in files)
@@ -360,6 +381,11 @@ def load_checkpoint(
                             f"({INDEX_FILE} says it is there)"
                         )
                     found = tuple(f.get_slice(name).get_shape())
+                    if shapes[name] is None:  # packed quantized tensor: read as stored
+                        out[name] = f.get_tensor(name)
+                        if bar is not None:
+                            bar.update(1)
+                        continue
                     if found != shapes[name]:
                         raise ShapeMismatchError(
                             f"tensor {name!r} in {file.name} has shape {list(found)}, expected "
@@ -378,7 +404,27 @@ def load_checkpoint(
     finally:
         if bar is not None:
             bar.close()
-    return config, {name: out[name] for name in shapes}
+    state: dict[str, torch.Tensor | QuantizedLinear] = {
+        name: out[name] for name, shape in shapes.items() if shape is not None
+    }
+    for prefix, (out_features, in_features) in quantized.items():
+        names = [n for n in list(out) if n.startswith(prefix + ".")
+                 and n[len(prefix) + 1 :] in ("qweight", "qzeros", "scales", "g_idx")]
+        packed = {n: out.pop(n) for n in names}
+        state[f"{prefix}.weight"] = quant_formats.convert_linear(
+            qcfg, packed, prefix, in_features, out_features
+        ).to(device)
+    return config, state
+
+
+def _tensor_names(files: list[Path]) -> set[str]:
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return names
 
 
 # Random weights.

@@ -39,6 +39,7 @@ from torch import Tensor
 from flashformer_triton.config import PRESETS, ModelConfig, UnsupportedModelError, preset
 from flashformer_triton.loading import _check_dtype, load_checkpoint, random_state_dict
 from flashformer_triton.plan import GpuSpec, Plan, make_plan
+from flashformer_triton.quantize import QuantizedLinear, QuantScheme
 from flashformer_triton.reference import KVCache, apply_rope, rms_norm, rope_cos_sin
 from flashformer_triton.runtime import (
     DecodeRuntime,
@@ -46,7 +47,14 @@ from flashformer_triton.runtime import (
     interpreter_active,
 )
 from flashformer_triton.sampling import SamplingConfig, make_seed, sample
-from flashformer_triton.weights import ArenaLayout, NormLayout, PackedWeights, pack_weights
+from flashformer_triton.weights import (
+    ArenaLayout,
+    NormLayout,
+    PackedWeights,
+    ScaleLayout,
+    arena_matrices,
+    pack_weights,
+)
 
 __all__ = ["FlashFormer", "InterpreterWarning", "KVCache", "MAX_BATCH"]
 
@@ -173,12 +181,20 @@ class FlashFormer(torch.nn.Module):
         tiles: tile-size overrides for ``plan.make_plan`` (e.g. ``{"block_k": 256}``).
         cuda_graph: capture the decode step in a CUDA graph in ``generate``/``stream``
             (default True; ignored on the CPU). Also the attribute ``use_cuda_graph``.
+        quantize: weight-only quantization at load time: ``"int8"`` (symmetric, per output
+            channel), ``"int4"`` (group-wise, ``group_size`` 32/64/128, default 128;
+            ``symmetric=False`` stores a zero point per group) or a ``quantize.QuantScheme``.
+            The embedding table stays in ``dtype``; the LM head is quantized too unless
+            ``quantize_lm_head=False``. Pre-quantized GPTQ/AWQ checkpoints need no option.
+            ``model.quant`` is the scheme in use (None: not quantized).
 
     ``state_dict()`` holds the packed tensors the kernel reads (``arena``, ``norms``,
     ``embed``, ``lm_head`` unless tied, ``qkv_bias`` for Qwen2): compact and exactly what
     ``load_state_dict`` of a model with the same config and dtype expects. The KV cache and
     the RoPE frequencies are not in it. For Hugging Face names use :meth:`hf_state_dict` or
-    :meth:`save_pretrained`.
+    :meth:`save_pretrained` (a quantized model gives its dequantized weights there).
+    Quantized models also hold ``scales`` (and ``zeros`` when asymmetric, ``lm_scales``/
+    ``lm_zeros`` for a quantized LM head) and the integer codes in ``arena``/``lm_head``.
     """
 
     def __init__(
@@ -192,6 +208,10 @@ class FlashFormer(torch.nn.Module):
         max_seq_len: int | None = None,
         tiles: dict[str, int] | None = None,
         cuda_graph: bool = True,
+        quantize: str | QuantScheme | None = None,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        quantize_lm_head: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(config, ModelConfig):
@@ -218,7 +238,10 @@ class FlashFormer(torch.nn.Module):
         self._dtype = dtype
         self._tiles = dict(tiles or {})
 
-        packed = pack_weights(config, state_dict, dtype=dtype, device=dev)
+        quant = QuantScheme.parse(quantize, group_size=group_size, symmetric=symmetric,
+                                  lm_head=quantize_lm_head)
+        packed = pack_weights(config, state_dict, dtype=dtype, device=dev, quant=quant)
+        self.quant: QuantScheme | None = packed.scheme  # also set by pre-quantized checkpoints
 
         def param(t: Tensor) -> torch.nn.Parameter:
             return torch.nn.Parameter(t, requires_grad=False)
@@ -226,8 +249,17 @@ class FlashFormer(torch.nn.Module):
         self.arena = param(packed.arena)
         self.norms = param(packed.norms)
         self.embed = param(packed.embed)
-        if not config.tie_word_embeddings:
+        if packed.lm_head is not packed.embed:
             self.lm_head = param(packed.lm_head)
+        # Quantization side tensors; one-element placeholders (not weights) when unused.
+        q = self.quant
+        for name, used in (("scales", q), ("zeros", q and not q.symmetric),
+                           ("lm_scales", q and q.lm_head),
+                           ("lm_zeros", q and q.lm_head and not q.symmetric)):
+            if used:
+                setattr(self, name, param(getattr(packed, name)))
+            else:
+                self.register_buffer(name, getattr(packed, name), persistent=False)
         if config.qkv_bias:
             self.qkv_bias = param(packed.qkv_bias)
         else:  # the kernel takes a pointer either way; a placeholder, not a weight
@@ -347,10 +379,13 @@ class FlashFormer(torch.nn.Module):
         return (
             f"{self.config.summary()}\ndevice={self.device}, dtype={self.dtype}, "
             f"max_batch_size={self.max_batch_size}, max_seq_len={self.max_seq_len}"
+            + (f", weights {self.quant.describe()}" if self.quant else "")
         )
 
     def _lm_head(self) -> Tensor:
-        return self.embed if self.config.tie_word_embeddings else self.lm_head
+        """What the kernel reads for the LM head: its own tensor (codes when quantized), or
+        the embedding table when tied."""
+        return self.lm_head if "lm_head" in self._parameters else self.embed
 
     def packed_weights(self) -> PackedWeights:
         """The tensors the kernel reads, as ``weights.PackedWeights`` (views, no copy)."""
@@ -361,6 +396,11 @@ class FlashFormer(torch.nn.Module):
             embed=self.embed.detach(),
             lm_head=self._lm_head().detach(),
             inv_freq=self.inv_freq,
+            scales=self.scales.detach(),
+            zeros=self.zeros.detach(),
+            lm_scales=self.lm_scales.detach(),
+            lm_zeros=self.lm_zeros.detach(),
+            scheme=self.quant,
         )
 
     # Runtime management (.to(), load_state_dict).
@@ -374,6 +414,7 @@ class FlashFormer(torch.nn.Module):
             max_seq_len=self.max_seq_len,
             dtype=self.dtype,
             gpu=GpuSpec.current(device),
+            quant=self.quant,
             **self._tiles,
         )
         self._runtime = DecodeRuntime(
@@ -409,15 +450,17 @@ class FlashFormer(torch.nn.Module):
         return self
 
     def _after_load(self, incompatible_keys) -> None:
-        for name, t in (("arena", self.arena), ("embed", self.embed), ("lm_head", self._lm_head())):
-            if t.dtype != self._dtype:
-                raise TypeError(f"loaded {name} is {t.dtype}; this model is {self._dtype}")
+        q = self.quant
+        codes = q.storage_dtype if q else self._dtype
+        expected = {"arena": codes, "embed": self._dtype,
+                    "lm_head": codes if q and q.lm_head else self._dtype}
+        for name, dtype in expected.items():
+            t = self._lm_head() if name == "lm_head" else getattr(self, name)
+            if t.dtype != dtype:
+                raise TypeError(f"loaded {name} is {t.dtype}; this model needs {dtype}")
         w = self._runtime.weights
-        if (w.arena.data_ptr(), w.embed.data_ptr(), w.norms.data_ptr()) != (
-            self.arena.data_ptr(),
-            self.embed.data_ptr(),
-            self.norms.data_ptr(),
-        ):
+        names = ("arena", "embed", "norms", "scales", "zeros", "lm_scales", "lm_zeros")
+        if any(getattr(w, n).data_ptr() != getattr(self, n).data_ptr() for n in names):
             self._build_runtime()
 
     @torch.inference_mode()
@@ -482,7 +525,7 @@ class FlashFormer(torch.nn.Module):
             out[p + "mlp.down_proj.weight"] = w["down"]
         out["model.norm.weight"] = self.norms[c.num_layers * nl.layer_stride :].to(dt)
         if not c.tie_word_embeddings:
-            out["lm_head.weight"] = self.lm_head.detach()
+            out["lm_head.weight"] = self.dequantized_lm_head()
         return out
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> Path:
@@ -496,7 +539,27 @@ class FlashFormer(torch.nn.Module):
     # Prefill in plain torch, on views into the arena.
 
     def _layer_weights(self, layer: int) -> dict[str, Tensor]:
-        c, lay = self.config, ArenaLayout.of(self.config)
+        """The layer's matrices in the model dtype: views into the arena, or dequantized
+        copies (rows of Wqkv in rotary-pair order, gate rows then up rows)."""
+        c, q = self.config, self.quant
+        if q:
+            lay, sl = ArenaLayout.of(c, q), ScaleLayout.of(c, q)
+            codes = self.arena.detach()[layer * lay.layer_stride :]
+            scales = self.scales.detach()[layer * sl.layer_stride :]
+            zeros = None if q.symmetric else self.zeros.detach()[layer * sl.layer_stride :]
+            out = {}
+            for name, rows, k in arena_matrices(c):
+                c0, s0 = getattr(lay, name), getattr(sl, name)
+                groups = q.groups(k)
+                ql = QuantizedLinear(
+                    codes[c0 : c0 + rows * k // q.values_per_byte].view(rows, -1),
+                    scales[s0 : s0 + rows * groups].view(rows, groups),
+                    None if zeros is None else zeros[s0 : s0 + rows * groups].view(rows, groups),
+                    q,
+                )
+                out[name] = ql.dequantize(self._dtype)
+            return out
+        lay = ArenaLayout.of(c)
         d, f = c.hidden_size, c.intermediate_size
         slab = self.arena.detach()[layer * lay.layer_stride : (layer + 1) * lay.layer_stride]
         return {
@@ -572,7 +635,26 @@ class FlashFormer(torch.nn.Module):
         return x
 
     def _logits(self, h: Tensor) -> Tensor:
-        return F.linear(h, self._lm_head().detach()).float()
+        q = self.quant
+        if not (q and q.lm_head):
+            return F.linear(h, self._lm_head().detach()).float()
+        # Dequantize the LM head a block of rows at a time: bounded temporary memory.
+        out, block = [], 16384
+        for r in range(0, self.config.vocab_size, block):
+            zeros = None if q.symmetric else self.lm_zeros.detach()[r : r + block]
+            rows = QuantizedLinear(self.lm_head.detach()[r : r + block],
+                                   self.lm_scales.detach()[r : r + block], zeros, q)
+            out.append(F.linear(h, rows.dequantize(self._dtype)).float())
+        return torch.cat(out, dim=-1)
+
+    def dequantized_lm_head(self) -> Tensor:
+        """The LM head in the model dtype (a copy when it is quantized)."""
+        q = self.quant
+        if not (q and q.lm_head):
+            return self._lm_head().detach()
+        zeros = None if q.symmetric else self.lm_zeros.detach()
+        return QuantizedLinear(self.lm_head.detach(), self.lm_scales.detach(), zeros,
+                               q).dequantize(self._dtype)
 
     # forward.
 

@@ -29,7 +29,8 @@ from enum import IntEnum
 import torch
 
 from flashformer_triton.config import ModelConfig, UnsupportedModelError
-from flashformer_triton.weights import ArenaLayout, NormLayout
+from flashformer_triton.quantize import QuantScheme
+from flashformer_triton.weights import ArenaLayout, NormLayout, ScaleLayout
 
 
 class Op(IntEnum):
@@ -157,7 +158,8 @@ class Plan:
     counter_names: list[str]
     counter_targets: list[int]
     grid: int
-    weight_elements: dict[Op, int] = field(default_factory=dict)
+    quant: QuantScheme | None = None  # weight-only quantization (quant.lm_head: LM head too)
+    weight_bytes_by_op: dict[Op, int] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -182,8 +184,9 @@ class Plan:
 
     def constexprs(self) -> dict[str, object]:
         """Compile-time specialisation of the kernel for this model and plan."""
-        c, t = self.config, self.tiles
-        arena, norms = ArenaLayout.of(c), NormLayout.of(c)
+        c, t, quant = self.config, self.tiles, self.quant
+        arena, norms = ArenaLayout.of(c, quant), NormLayout.of(c)
+        scales = ScaleLayout.of(c, quant) if quant else ArenaLayout(0, 0, 0, 0, 0)
         return {
             "B": self.batch,
             "BP": self.batch_pad,
@@ -201,6 +204,19 @@ class Plan:
             "EPS": float(c.rms_norm_eps),
             "SM_SCALE": 1.0 / math.sqrt(c.head_dim),
             "LAYER_STRIDE": arena.layer_stride,
+            "OFF_O": arena.o,
+            "OFF_GU": arena.gate_up,
+            "OFF_DOWN": arena.down,
+            # Weight-only quantization: bits of the codes (0: weights in the model dtype),
+            # group size (0: one scale per row), zero points stored or fixed.
+            "WBITS": quant.bits if quant else 0,
+            "GROUP": (quant.group_size or 0) if quant else 0,
+            "HAS_ZEROS": bool(quant and not quant.symmetric),
+            "LM_WBITS": quant.bits if quant and quant.lm_head else 0,
+            "SCALE_STRIDE": scales.layer_stride,
+            "SOFF_O": scales.o,
+            "SOFF_GU": scales.gate_up,
+            "SOFF_DOWN": scales.down,
             "NORM_STRIDE": norms.layer_stride,
             "BN_QKV": t.qkv_rows,
             "BK_QKV": t.qkv_block_k,
@@ -215,7 +231,7 @@ class Plan:
             "QKV_BIAS": c.qkv_bias,
             "QK_NORM": c.qk_norm,
             # Inline PTX cannot run in the interpreter; the hint changes no result.
-            "PF_K": t.l2_prefetch_k if self.gpu.num_sms > 1 else 0,
+            "PF_K": t.l2_prefetch_k if self.gpu.num_sms > 1 and not quant else 0,
             "STAGES": t.pipeline_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
             "PROFILE": bool(t.profile),
@@ -223,9 +239,9 @@ class Plan:
 
     # What one step must read: the floor of a memory-bound step.
     def weight_bytes(self) -> int:
-        """Bytes of weights the tasks stream, counted from the table itself."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return sum(self.weight_elements.values()) * size
+        """Bytes of weights the tasks stream (codes, scales and zero points when quantized),
+        counted from the table itself."""
+        return sum(self.weight_bytes_by_op.values())
 
     def kv_bytes(self, positions: list[int] | torch.Tensor) -> int:
         """KV-cache bytes read (keys and values 0..pos of every layer) plus the new rows."""
@@ -252,7 +268,8 @@ class Plan:
             f"  tiles: qkv {t.qkv_rows}x{t.qkv_block_k}, o {t.o_rows}, gate/up {t.gate_up_rows}, "
             f"down {t.down_rows}, lm {t.lm_rows}, k-chunk {t.block_k}, kv block {t.block_s}, "
             f"{t.kv_splits} kv splits, {t.num_warps} warps",
-            f"  weights streamed per step: {self.weight_bytes() / 1e9:.3f} GB; "
+            f"  weights streamed per step: {self.weight_bytes() / 1e9:.3f} GB"
+            f"{' (' + self.quant.describe() + ')' if self.quant else ''}; "
             f"KV per sequence at position 512: {self.kv_bytes([512]) / 1e6:.1f} MB",
         ]
         return "\n".join(lines)
@@ -283,24 +300,37 @@ def make_plan(
     dtype: torch.dtype = torch.bfloat16,
     gpu: GpuSpec | None = None,
     tiles: Tiles | None = None,
+    quant: QuantScheme | None = None,
     **tile_overrides: int,
 ) -> Plan:
-    """Build the task table of one decode step."""
+    """Build the task table of one decode step (`quant`: the weights' quantization, as
+    `PackedWeights.scheme`)."""
     gpu = gpu or GpuSpec.current()
     _check_supported(config, batch, max_seq_len)
     tiles = tiles or default_tiles(config, batch, max_seq_len, gpu)
     tiles = replace(tiles, **tile_overrides)
     _check_tiles(config, tiles, batch)
+    if quant:
+        _check_quant(config, tiles, quant)
 
     c, t = config, tiles
     d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
     ctr = _Counters()
     tasks: list[Task] = []
-    elements: Counter[Op] = Counter()
+    streamed: Counter[Op] = Counter()
+    size = torch.empty((), dtype=dtype).element_size()
 
-    def add(task: Task, *, weights: int = 0) -> None:
+    def matrix_bytes(rows: int, k: int, quantized: bool) -> int:
+        """Bytes of `rows` rows of a matrix with `k` inputs: codes + fp16 scales + zeros."""
+        if not quantized:
+            return rows * k * size
+        groups = rows * quant.groups(k)
+        return rows * k * quant.bits // 8 + groups * 2 + (0 if quant.symmetric else groups)
+
+    def add(task: Task, *, rows: int = 0, k: int = 0) -> None:
         tasks.append(task)
-        elements[task.op] += weights
+        quantized = quant is not None and (task.op != Op.LMHEAD or quant.lm_head)
+        streamed[task.op] += matrix_bytes(rows, k, quantized)
 
     def rows_of(total: int, tile: int) -> list[tuple[int, int]]:
         return [(i, min(tile, total - i * tile)) for i in range(math.ceil(total / tile))]
@@ -321,7 +351,7 @@ def make_plan(
                     add(
                         Task(Op.QKV, layer, head, chunk, 0, prev_ctr, prev_target,
                              ctr.signal(group_ctrs[group])),
-                        weights=t.qkv_rows * d,
+                        rows=t.qkv_rows, k=d,
                     )
 
         merged = ctr.new(f"L{layer}.merge")
@@ -339,29 +369,29 @@ def make_plan(
         o_done = ctr.new(f"L{layer}.oproj")
         for tile, rows in rows_of(d, t.o_rows):
             add(Task(Op.OPROJ, layer, tile, 0, 0, merged, ctr.targets[merged],
-                     ctr.signal(o_done)), weights=rows * c.q_size)
+                     ctr.signal(o_done)), rows=rows, k=c.q_size)
 
         up_done = ctr.new(f"L{layer}.gateup")
         for tile, rows in rows_of(f, t.gate_up_rows):
             add(Task(Op.GATEUP, layer, tile, 0, 0, o_done, ctr.targets[o_done],
-                     ctr.signal(up_done)), weights=2 * rows * d)
+                     ctr.signal(up_done)), rows=2 * rows, k=d)
 
         down_done = ctr.new(f"L{layer}.down")
         for tile, rows in rows_of(d, t.down_rows):
             add(Task(Op.DOWN, layer, tile, 0, 0, up_done, ctr.targets[up_done],
-                     ctr.signal(down_done)), weights=rows * f)
+                     ctr.signal(down_done)), rows=rows, k=f)
         prev_ctr, prev_target = down_done, ctr.targets[down_done]
 
     logits_done = ctr.new("lmhead")
     for tile, rows in rows_of(c.vocab_size, t.lm_rows):
         add(Task(Op.LMHEAD, c.num_layers, tile, 0, 0, prev_ctr, prev_target,
-                 ctr.signal(logits_done)), weights=rows * d)
+                 ctr.signal(logits_done)), rows=rows, k=d)
 
     grid = gpu.num_sms * t.programs_per_sm if gpu.num_sms > 1 else 2
     return Plan(
         config=config, batch=batch, max_seq_len=max_seq_len, dtype=dtype, tiles=tiles, gpu=gpu,
         tasks=tasks, counter_names=ctr.names, counter_targets=ctr.targets, grid=grid,
-        weight_elements=dict(elements),
+        quant=quant, weight_bytes_by_op=dict(streamed),
     )
 
 
@@ -400,3 +430,16 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         raise ValueError("qk-norm models need qkv_rows == head_dim (the norm spans the head)")
     if t.kv_splits < 1:
         raise ValueError(f"kv_splits={t.kv_splits} must be >= 1")
+
+
+def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme) -> None:
+    for name, k in (("hidden_size", config.hidden_size), ("q_size", config.q_size),
+                    ("intermediate_size", config.intermediate_size)):
+        quant.check_features(name, k)
+    if quant.group_size:
+        for name in ("block_k", "qkv_block_k"):
+            if getattr(t, name) < quant.group_size:
+                raise ValueError(
+                    f"tile {name}={getattr(t, name)} must be >= the int4 group size "
+                    f"{quant.group_size} (a streamed chunk holds whole groups)"
+                )

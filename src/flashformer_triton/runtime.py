@@ -135,7 +135,8 @@ class DecodeRuntime:
         self.compiled = self.kernel[(self.plan.grid,)](
             self.tasks, self.plan.num_tasks, self.ctrl, self.counters, self.plan.num_counters,
             self.max_spin, self.ids, self.pos,
-            w.arena, w.norms, w.qkv_bias, w.embed, w.lm_head, w.inv_freq,
+            w.arena, w.scales, w.zeros, w.norms, w.qkv_bias, w.embed, w.lm_head, w.lm_scales,
+            w.lm_zeros, w.inv_freq,
             self.k_cache, self.v_cache,
             self.h, self.q, self.attn, self.act, self.logits,
             self.part_m, self.part_l, self.part_o, self.timeline,
