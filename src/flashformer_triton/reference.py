@@ -317,7 +317,7 @@ class ReferenceModel(torch.nn.Module):
         batch, seq, _ = x.shape
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-        qkv = F.linear(x, layer.wqkv, layer.bqkv)
+        qkv = self._linear(x, layer, "wqkv", layer.bqkv)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(batch, seq, heads, hd)
         k = k.view(batch, seq, kv_heads, hd)
@@ -340,11 +340,19 @@ class ReferenceModel(torch.nn.Module):
         probs = probs.view(batch, kv_heads, group * seq, -1)
         out = torch.matmul(probs, values)  # [B, kv_heads, group * T, hd]
         out = out.view(batch, heads, seq, hd).transpose(1, 2).reshape(batch, seq, heads * hd)
-        return F.linear(out, layer.wo)
+        return self._linear(out, layer, "wo")
 
     def _mlp(self, layer: _Layer, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, layer.w_gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, layer.w_down)
+        gate, up = self._linear(x, layer, "w_gate_up").chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, layer, "w_down")
+
+    def _linear(
+        self, x: Tensor, owner: torch.nn.Module, name: str, bias: Tensor | None = None
+    ) -> Tensor:
+        """x @ owner.<name>^T (+ bias). Every projection goes through here, so a variant that
+        stores its weights differently (bench/: the int8 weight-only peer) overrides one
+        method."""
+        return F.linear(x, getattr(owner, name), bias)
 
     def forward(
         self,
@@ -386,5 +394,4 @@ class ReferenceModel(torch.nn.Module):
             h = rms_norm(x, layer.post_attention_norm, cfg.rms_norm_eps)
             x = x + self._mlp(layer, h)
         x = rms_norm(x, self.norm, cfg.rms_norm_eps)
-        head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head).float()
+        return self._linear(x, self, "embed" if self.lm_head is None else "lm_head").float()
