@@ -58,12 +58,12 @@ class Int8WeightOnlyReference(ReferenceModel):
         return out if bias is None else out + bias
 
 
-def kernel_row(config, state, scheme, *, pos: int, bandwidth: float) -> dict:
+def kernel_row(config, state, scheme, *, pos: int, bandwidth: float, **tiles: int) -> dict:
     quantized = quantize_state(config.num_layers, state, scheme,
                                tied=config.tie_word_embeddings) if scheme else state
     weights = pack_weights(config, quantized, dtype=torch.bfloat16, device="cuda")
     del quantized
-    plan = make_plan(config, batch=1, max_seq_len=pos + 64, quant=weights.scheme)
+    plan = make_plan(config, batch=1, max_seq_len=pos + 64, quant=weights.scheme, **tiles)
     shape = (config.num_layers, 1, config.num_kv_heads, plan.max_seq_len, config.head_dim)
     k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))
@@ -77,7 +77,8 @@ def kernel_row(config, state, scheme, *, pos: int, bandwidth: float) -> dict:
     step_bytes = plan.step_bytes([pos])
     del runtime, weights, k
     torch.cuda.empty_cache()
-    return dict(step_bytes=step_bytes, ms=ms, floor_ms=step_bytes / bandwidth * 1e3)
+    return dict(step_bytes=step_bytes, ms=ms, floor_ms=step_bytes / bandwidth * 1e3,
+                tiles=tiles)
 
 
 def int8_peer_ms(config, state, *, pos: int) -> float:
@@ -85,6 +86,11 @@ def int8_peer_ms(config, state, *, pos: int) -> float:
     ref = Int8WeightOnlyReference(config, state, max_batch_size=1, max_seq_len=pos + 64,
                                   dtype=torch.bfloat16, device="cuda", check_positions=False)
     torch.cuda.empty_cache()
+    # gpt-fast's compiler settings (its generate.py): tuned reduction configs for the GEMVs.
+    inductor = torch._inductor.config
+    inductor.coordinate_descent_tuning = True
+    inductor.triton.unique_kernel_names = True
+    inductor.fx_graph_cache = True
     ref.cache.k.normal_()
     ref.cache.v.normal_()
     compiled = torch.compile(ref, mode="reduce-overhead", fullgraph=True)
@@ -108,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pos", type=int, default=512)
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--no-peer", action="store_true", help="skip the int8 compile peer")
+    parser.add_argument("--tiles", default="", help="plan tile overrides, e.g. block_k=1024")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_quant needs a CUDA GPU", file=sys.stderr)
         return 2
+    tiles = {k: int(v) for k, v in (kv.split("=") for kv in args.tiles.split(",") if kv)}
     env = environment()
     bandwidth = copy_bandwidth()
     rows = []
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
         peer = None if args.no_peer else int8_peer_ms(config, state, pos=args.pos)
         for scheme in args.schemes:
-            r = kernel_row(config, state, SCHEMES[scheme], pos=args.pos, bandwidth=bandwidth)
+            r = kernel_row(config, state, SCHEMES[scheme], pos=args.pos, bandwidth=bandwidth,
+                           **tiles)
             r.update(shape=name, pos=args.pos, weights=scheme, int8_peer_ms=peer,
                      fraction=r["floor_ms"] / r["ms"], gbs=r["step_bytes"] / r["ms"] / 1e6)
             rows.append(r)

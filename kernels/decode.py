@@ -162,6 +162,19 @@ def _load_x(x_ptr, norm_ptr, cols, K, B: tl.constexpr, BP: tl.constexpr, NORM: t
     return x, sq
 
 
+# Small integers to fp32 without the int->float converter (a quarter-rate unit that, at one
+# conversion per weight, bounds a quantized GEMV): OR the value into the mantissa of 2^23 and
+# subtract 2^23 (exact for 0 <= v < 2^23).
+MAGIC_BITS = tl.constexpr(0x4B000000)
+MAGIC = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def _as_f32_plus_magic(v):
+    """float(v) + 2^23 for an unsigned integer tensor v < 2^23 (two integer ops)."""
+    return (v.to(tl.int32) | MAGIC_BITS).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
               B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -171,38 +184,66 @@ def _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
     """One streamed chunk: (w dequantized) times x for columns k0..k0+BK -> [BP, BN], and the
     chunk's sum of x^2 (for RMSNorm).
 
-    int4 is dequantized here, per group: (code - zero) * scale in fp32 (the maths of
-    quantize.dequantize); the low nibbles are the even columns, the high nibbles the odd
-    ones, so each meets its own half of x. int8 codes enter the product as they are: the
-    per-row scale is applied once, after the last chunk (_gemv)."""
+    int4: (code - zero) * scale per group, the maths of quantize.dequantize; the low nibbles
+    are the even columns, the high nibbles the odd ones, so each meets its own half of x.
+    At batch 1 the group's scale multiplies the group's partial sum instead of every weight.
+    int8: the codes enter the product as they are; the per-row scale is applied once, after
+    the last chunk (_gemv)."""
     if WBITS == 4:
-        HALF_K: tl.constexpr = BK // 2
-        even = k0 + 2 * tl.arange(0, HALF_K)
-        xe, sq_e = _load_x(x_ptr, norm_ptr, even, K, B, BP, NORM)
-        xo, sq_o = _load_x(x_ptr, norm_ptr, even + 1, K, B, BP, NORM)
+        HALF_G: tl.constexpr = GROUP // 2
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
         smask = row_mask[:, None] & (grp < K // GROUP)[None, :]
         sidx = rows[:, None] * (K // GROUP) + grp[None, :]
-        scale = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)[:, :, None]
+        scale = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
-            zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)[:, :, None]
+            zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)
         else:
-            zero = 8.0
-        lo = tl.reshape(((w & 15).to(tl.float32) - zero) * scale, [BN, HALF_K])
-        hi = tl.reshape(((w >> 4).to(tl.float32) - zero) * scale, [BN, HALF_K])
-        if USE_DOT and DOT_PREC != "upcast":  # (the interpreter's fp32->bf16 truncates)
-            lo = lo.to(CDT)
-            hi = hi.to(CDT)
-        out = _mv(lo, xe, USE_DOT, DOT_PREC) + _mv(hi, xo, USE_DOT, DOT_PREC)
-        sq = sq_e + sq_o
+            zero = tl.full([BN, BK // GROUP], 8.0, dtype=tl.float32)
+        # code + 2^23 - (zero + 2^23) = code - zero, exactly.
+        lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
+        hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
+        if USE_DOT:
+            HALF_K: tl.constexpr = BK // 2
+            even = k0 + 2 * tl.arange(0, HALF_K)
+            xe, sq_e = _load_x(x_ptr, norm_ptr, even, K, B, BP, NORM)
+            xo, sq_o = _load_x(x_ptr, norm_ptr, even + 1, K, B, BP, NORM)
+            lo = tl.reshape(lo * scale[:, :, None], [BN, HALF_K])
+            hi = tl.reshape(hi * scale[:, :, None], [BN, HALF_K])
+            if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
+                lo = lo.to(CDT)
+                hi = hi.to(CDT)
+            out = _mv(lo, xe, USE_DOT, DOT_PREC) + _mv(hi, xo, USE_DOT, DOT_PREC)
+            sq = sq_e + sq_o
+        else:  # batch 1: x as [groups, pairs], no reshape of the weights
+            even = grp[:, None] * GROUP + 2 * tl.arange(0, HALF_G)[None, :]
+            xe, sq_e = _load_x1(x_ptr, norm_ptr, even, K, NORM)
+            xo, sq_o = _load_x1(x_ptr, norm_ptr, even + 1, K, NORM)
+            part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, groups]
+            out = tl.sum(part * scale, axis=1)[None, :]
+            sq = tl.zeros([BP], dtype=tl.float32) + (sq_e + sq_o)
     else:
         x, sq = _load_x(x_ptr, norm_ptr, k0 + tl.arange(0, BK), K, B, BP, NORM)
-        if WBITS == 8 and USE_DOT:
-            # |code| <= 127: exact in bf16/fp16. Through fp32: the Triton interpreter
-            # converts int8 straight to bf16 wrongly.
-            w = w.to(tl.float32).to(CDT)
+        if WBITS == 8:
+            # int8 -> fp32 as (code + 128) + 2^23 - (128 + 2^23); exact, and exact in bf16.
+            biased = w.to(tl.uint8, bitcast=True) ^ 0x80
+            w = _as_f32_plus_magic(biased) - (MAGIC + 128.0)
+            if USE_DOT:
+                w = w.to(CDT)
         out = _mv(w, x, USE_DOT, DOT_PREC)
     return out, sq
+
+
+@triton.jit
+def _load_x1(x_ptr, norm_ptr, cols, K, NORM: tl.constexpr):
+    """Batch 1: the activations at `cols` (any shape), times the RMSNorm weights for a fused
+    norm, and the sum of x^2 over them (a scalar)."""
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
+    if NORM:
+        sq = tl.sum(tl.sum(x * x, axis=1), axis=0)
+        x = x * tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
+    else:
+        sq = 0.0
+    return x, sq
 
 
 @triton.jit
