@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_decode import decode_runtime, random_weights
 
-from flashformer_triton.profile import gantt_png, summarize
+from flashformer_triton.config import preset
+from flashformer_triton.profile import gantt_png, profile_step, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,25 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
         return 2
-    config, state, weights = random_weights(args.shape)
-    del state
-    runtime = decode_runtime(config, weights, batch=args.batch, pos=args.pos, profile=1)
-    plan = runtime.plan
-    for _ in range(3):  # compile, warm up, then the recorded step
-        runtime.launch()
-        runtime.check()
-    summary = summarize(plan, runtime.timeline)
+    # compile, warm up, then the recorded step (the same code as `flashformer-triton profile`)
+    plan, timeline = profile_step(preset(args.shape), batch=args.batch, pos=args.pos)
+    summary = summarize(plan, timeline)
     print(f"{args.shape} batch {args.batch} pos {args.pos}")
     print(summary.format())
     args.out.mkdir(parents=True, exist_ok=True)
-    records = runtime.timeline.cpu().tolist()
+    records = timeline.cpu().tolist()
     (args.out / f"timeline-{args.shape}.json").write_text(json.dumps(
         {"shape": args.shape, "batch": args.batch, "pos": args.pos,
          "fields": ["program", "sm", "start_ns", "ready_ns", "end_ns"],
          "ops": [int(t.op) for t in plan.tasks], "layers": [t.layer for t in plan.tasks],
          "records": records}))
     try:
-        gantt_png(plan, runtime.timeline, str(args.out / f"timeline-{args.shape}.png"))
+        gantt_png(plan, timeline, str(args.out / f"timeline-{args.shape}.png"))
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
     return 0

@@ -162,9 +162,9 @@ def _load_x(x_ptr, norm_ptr, cols, K, B: tl.constexpr, BP: tl.constexpr, NORM: t
     return x, sq
 
 
-# Small integers to fp32 without the int->float converter (a quarter-rate unit that, at one
-# conversion per weight, bounds a quantized GEMV): OR the value into the mantissa of 2^23 and
-# subtract 2^23 (exact for 0 <= v < 2^23).
+# Small integers to fp32 without the int->float converter (a quarter-rate unit; int4 needs two
+# conversions per byte): OR the value into the mantissa of 2^23 and subtract 2^23 (exact for
+# 0 <= v < 2^23).
 MAGIC_BITS = tl.constexpr(0x4B000000)
 MAGIC = tl.constexpr(8388608.0)
 
@@ -224,9 +224,9 @@ def _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
     else:
         x, sq = _load_x(x_ptr, norm_ptr, k0 + tl.arange(0, BK), K, B, BP, NORM)
         if WBITS == 8:
-            # int8 -> fp32 as (code + 128) + 2^23 - (128 + 2^23); exact, and exact in bf16.
-            biased = w.to(tl.uint8, bitcast=True) ^ 0x80
-            w = _as_f32_plus_magic(biased) - (MAGIC + 128.0)
+            # Exact; the converter measured faster here than the 2^23 trick (bench/NOTES.md).
+            # Through fp32 also for tl.dot: the interpreter converts int8 -> bf16 wrongly.
+            w = w.to(tl.float32)
             if USE_DOT:
                 w = w.to(CDT)
         out = _mv(w, x, USE_DOT, DOT_PREC)

@@ -227,3 +227,85 @@ def test_quickstart_notebook_runs_top_to_bottom(monkeypatch) -> None:
     assert namespace["error"] < 1e-3  # kernel and reference agree
     assert namespace["kernel_ms"] > 0 and namespace["reference_ms"] > 0
     assert torch.equal(namespace["batch"], namespace["again"])
+
+
+# profile and autotune: argument parsing and the refusal without a GPU.
+
+
+def test_profile_and_autotune_arguments() -> None:
+    from flashformer_triton.cli import _parser
+
+    args = _parser().parse_args(
+        ["profile", "--model", "llama-3.1-8b", "--batch", "4", "--pos", "8192", "--out",
+         "t.png", "--json", "t.json"]
+    )
+    assert (args.command, args.model, args.batch, args.pos, args.out, args.json) == (
+        "profile", "llama-3.1-8b", 4, 8192, "t.png", "t.json"
+    )
+    assert (args.device, args.dtype, args.max_seq_len, args.programs) == (
+        "cuda", "bfloat16", None, 64
+    )
+    defaults = _parser().parse_args(["profile"])
+    assert (defaults.model, defaults.batch, defaults.pos, defaults.out) == (
+        "llama-3.2-1b", 1, 512, "timeline.png"
+    )
+    tune = _parser().parse_args(["autotune", "--model", "qwen3-8b", "--batch", "1", "16",
+                                 "--budget-s", "120", "--output", "t.json"])
+    assert (tune.batch, tune.budget_s, tune.output, tune.strategy) == (
+        [1, 16], 120.0, "t.json", "coordinate"
+    )
+
+
+def test_help_lists_profile_and_autotune(capsys) -> None:
+    assert main([]) == 2
+    top = capsys.readouterr().out
+    assert "profile" in top and "autotune" in top
+    for command in ("profile", "autotune"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert "--model" in text and "--batch" in text and "CUDA" in text
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message when CUDA is absent")
+def test_profile_without_cuda_is_one_clear_line(tmp_path, capsys) -> None:
+    out = tmp_path / "timeline.png"
+    assert main(["profile", "--model", "llama-3.2-1b", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "profile needs a CUDA GPU" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_profile_without_cuda_in_a_subprocess() -> None:
+    if HAS_CUDA:
+        pytest.skip("checks the message when CUDA is absent")
+    proc = _cli("profile", "--model", "tiny", "--out", "never.png", timeout=120)
+    assert proc.returncode == 1
+    assert "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (ROOT / "never.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "0"], "outside the supported range"),
+        (["--pos", "5000", "--max-seq-len", "4096"], "must be below"),
+        (["--device", "cpu"], "--device must be cuda"),
+    ],
+    ids=["batch", "pos", "cpu"],
+)
+def test_profile_argument_errors(args: list[str], message: str, capsys) -> None:
+    assert main(["profile", "--model", "tiny", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+def test_profile_on_the_gpu(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    out, records = tmp_path / "t.png", tmp_path / "t.json"
+    assert main(["profile", "--model", "tiny", "--out", str(out), "--json", str(records)]) == 0
+    text = capsys.readouterr().out
+    assert "QKV" in text and "working" in text
+    assert out.stat().st_size > 0 and json.loads(records.read_text())["records"]

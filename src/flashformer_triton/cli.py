@@ -1,4 +1,5 @@
-"""Command line: ``flashformer-triton generate | info`` (also ``python -m flashformer_triton.cli``).
+"""Command line: ``flashformer-triton generate | info | profile | autotune`` (also
+``python -m flashformer_triton.cli``).
 
 Examples::
 
@@ -6,6 +7,8 @@ Examples::
     flashformer-triton generate --model meta-llama/Llama-3.2-1B --prompt "The capital of France is"
     flashformer-triton generate --model ./my-checkpoint --prompt "Hi" --temperature 0.7 --top-p 0.9
     flashformer-triton info --model Qwen/Qwen3-8B --max-seq-len 8192 --position 4000
+    flashformer-triton profile --model llama-3.2-1b --batch 1 --pos 512 --out timeline.png
+    flashformer-triton autotune --model llama-3.1-8b --batch 1 4
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ Low-batch LLM decoding with ONE persistent Triton kernel launch per decode step.
   generate  stream a completion of a prompt, then print tokens/s and ms/token
   info      show the device, the model config and the kernel's plan (tasks, tiles, bytes
             streamed per step and the bandwidth floor of one step)
+  profile   time every task of one decode step on the GPU: per-op wait/work and a Gantt chart
+  autotune  time tile candidates on the GPU and store the fastest for this GPU and shape
 
 --model takes a local checkpoint directory (config.json + *.safetensors), a Hugging Face hub
 id (downloaded once into the Hugging Face cache; gated models need `hf auth login`), or a
@@ -31,7 +36,7 @@ download and runs on a CPU) or a real shape with random weights (llama-3.2-1b, l
 llama-3.1-8b, qwen3-8b). Without a GPU the kernel runs in the Triton interpreter: fine for
 'tiny', far too slow for real models.
 
-Run `flashformer-triton generate --help` or `flashformer-triton info --help` for options."""
+Run `flashformer-triton <command> --help` for the options of a command."""
 
 GENERATE_EPILOG = """\
 examples:
@@ -46,6 +51,31 @@ INFO_EPILOG = """\
 The floor of a decode step is (weight bytes + KV-cache bytes read) / bandwidth: no kernel
 can be faster on a memory-bound step. With a GPU the bandwidth is measured (device-to-device
 copy); otherwise give yours with --bandwidth (default: 3010 GB/s, an H100 80GB HBM3)."""
+
+PROFILE_EPILOG = """\
+examples:
+  flashformer-triton profile --model llama-3.2-1b --batch 1 --pos 512 --out timeline.png
+  flashformer-triton profile --model ./ckpt --batch 4 --pos 8192 --out t.png --json t.json
+
+Random weights of the model's shape (a checkpoint's config.json only): the timing does not
+depend on the values. One warm-up step, then a step that records, per task, its program, SM
+and the GPU's global timer at start, after its wait and at its end. Prints where the time
+goes per op; the chart needs matplotlib. Needs a CUDA GPU."""
+
+AUTOTUNE_EPILOG = """\
+examples:
+  flashformer-triton autotune --model llama-3.2-1b --batch 1
+  flashformer-triton autotune --model llama-3.1-8b --batch 1 4 16 --budget-s 300
+  flashformer-triton autotune --model qwen3-8b --list        # the candidates; no GPU needed
+
+Candidates: row tiles of O-proj, down, gate/up and QKV (8 or 16 at batch 1, 16 above),
+k-chunk 256/512/1024, 1 or 2 programs per SM, pipeline depth 2 or 3; every setting is a new
+kernel compile, so the default search moves one field at a time from the plan's defaults
+(coordinate search, up to 2 passes) rather than timing all combinations (--strategy grid).
+A candidate must beat the best so far by more than 0.5% to be taken. The best setting is
+stored per (GPU name, model shape, batch, dtype) in --output, default $FLASHFORMER_TUNING or
+~/.cache/flashformer_triton/tuning.json, where the kernel's planner looks it up. Random
+weights of the model's shape; needs a CUDA GPU."""
 
 STATED_BANDWIDTH_GBS = 3010.0  # H100 80GB HBM3 device-to-device copy (design notes, section 4)
 
@@ -65,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="print versions and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{generate,info,profile,autotune}")
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -165,6 +195,64 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="plan for a GPU with this many SMs instead of the local device (e.g. 132: H100)",
     )
+    def shape_options(p: argparse.ArgumentParser, batch_many: bool) -> None:
+        p.add_argument(
+            "--model",
+            default="llama-3.2-1b",
+            help="built-in shape (default llama-3.2-1b), checkpoint directory or hub id: only "
+            "its config.json is read, the weights are random",
+        )
+        p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+        p.add_argument("--device", default="cuda", help="cuda (default) or cuda:N")
+        if batch_many:
+            p.add_argument("--batch", type=int, nargs="+", default=[1],
+                           help="batch sizes to tune, each 1..16 (default 1)")
+        else:
+            p.add_argument("--batch", type=int, default=1, help="sequences, 1..16 (default 1)")
+        p.add_argument("--pos", type=int, default=512,
+                       help="KV-cache position of every sequence (default 512)")
+        p.add_argument("--max-seq-len", type=int, default=None,
+                       help="KV-cache length (default max(1024, pos + 64), as bench/)")
+        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                       help="weights, KV cache and activations (default bfloat16)")
+
+    prof = sub.add_parser(
+        "profile",
+        help="per-task timeline of one decode step on the GPU (wait/work per op, Gantt chart)",
+        description="Profile one decode step with the kernel's own timeline (GPU only).",
+        epilog=PROFILE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shape_options(prof, batch_many=False)
+    prof.add_argument("--out", default="timeline.png",
+                      help="Gantt chart PNG to write (default timeline.png; needs matplotlib)")
+    prof.add_argument("--json", default=None,
+                      help="also write the raw records [program, sm, start, ready, end] here")
+    prof.add_argument("--programs", type=int, default=64,
+                      help="rows (programs) drawn in the chart (default 64)")
+
+    tune = sub.add_parser(
+        "autotune",
+        help="time tile candidates on the GPU, store the fastest for this GPU and shape",
+        description="Search the decode kernel's tiles for a model shape and batch on this "
+        "GPU and store the fastest.",
+        epilog=AUTOTUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shape_options(tune, batch_many=True)
+    tune.add_argument("--strategy", default="coordinate", choices=["coordinate", "grid"],
+                      help="coordinate (default: one field at a time) or grid (all combinations)")
+    tune.add_argument("--budget-s", type=float, default=None,
+                      help="stop searching a batch size after this many seconds (keeps the best)")
+    tune.add_argument("--max-trials", type=int, default=None,
+                      help="stop a batch size's search after this many timed settings")
+    tune.add_argument("--output", default=None,
+                      help="tuning file (default $FLASHFORMER_TUNING or "
+                      "~/.cache/flashformer_triton/tuning.json)")
+    tune.add_argument("--list", action="store_true",
+                      help="print the candidate values and the key, then exit (no GPU needed)")
+    tune.add_argument("--dry-run", action="store_true",
+                      help="search, but do not write the tuning file")
     return parser
 
 
@@ -322,6 +410,131 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# profile.
+
+
+def _needs_cuda(device: str, what: str) -> None:
+    import torch
+
+    if not device.startswith("cuda"):
+        raise CLIError(f"{what} runs on a GPU: --device must be cuda or cuda:N, not {device!r}")
+    if not torch.cuda.is_available():
+        raise CLIError(f"{what} needs a CUDA GPU, and CUDA is not available on this machine")
+
+
+def _check_shape_args(batch: list[int], pos: int, max_seq_len: int | None) -> int:
+    for b in batch:
+        if not 1 <= b <= 16:
+            raise CLIError(f"--batch {b} is outside the supported range 1..16")
+    if pos < 0:
+        raise CLIError(f"--pos {pos} must be >= 0")
+    max_seq_len = max_seq_len or max(1024, pos + 64)
+    if pos >= max_seq_len:
+        raise CLIError(f"--pos {pos} must be below --max-seq-len {max_seq_len}")
+    return max_seq_len
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    max_seq_len = _check_shape_args([args.batch], args.pos, args.max_seq_len)
+    config = _config(args.model, args.revision)  # before the GPU check: a bad name says so
+    _needs_cuda(args.device, "profile")
+    import torch
+
+    from flashformer_triton.profile import gantt_png, profile_step, summarize
+
+    device = torch.device(args.device)
+    _log(_versions())
+    _log(_device_line(device))
+    _log(f"profiling {args.model} ({config.summary()}), batch {args.batch}, position "
+         f"{args.pos}, random {args.dtype} weights; the first step compiles the kernel ...")
+    plan, records = profile_step(config, batch=args.batch, pos=args.pos,
+                                 max_seq_len=max_seq_len, dtype=getattr(torch, args.dtype),
+                                 device=device)
+    print(f"{args.model} batch {args.batch} pos {args.pos}: {plan.num_tasks} tasks on "
+          f"{plan.grid} programs, {plan.gpu.name}")
+    print(summarize(plan, records).format())
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "model": args.model, "batch": args.batch, "pos": args.pos,
+            "fields": ["program", "sm", "start_ns", "ready_ns", "end_ns"],
+            "ops": [int(t.op) for t in plan.tasks], "layers": [t.layer for t in plan.tasks],
+            "records": records.cpu().tolist(),
+        }))
+        _log(f"records written to {path}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            gantt_png(plan, records, str(out), programs=args.programs)
+        except RuntimeError as exc:  # no matplotlib: the summary above still stands
+            _log(f"no chart: {exc}")
+            return 1
+        _log(f"chart written to {out}")
+    return 0
+
+
+# autotune.
+
+
+def cmd_autotune(args: argparse.Namespace) -> int:
+    from flashformer_triton import tuning
+
+    max_seq_len = _check_shape_args(args.batch, args.pos, args.max_seq_len)
+    config = _config(args.model, args.revision)
+    if args.list:
+        for batch in args.batch:
+            space = tuning.candidate_space(config, batch)
+            total = 1
+            for values in space.values():
+                total *= len(values)
+            print(f"{args.model} batch {batch}: {config.summary()}")
+            print(f"  key (GPU name first): <gpu>|{tuning.shape_signature(config)}|b{batch}|"
+                  f"{args.dtype}")
+            for name, values in space.items():
+                print(f"  {name:<16} {', '.join(str(v) for v in values)}")
+            print(f"  {total} combinations ({args.strategy} search times "
+                  f"{'all of them' if args.strategy == 'grid' else 'one field at a time'})")
+        return 0
+    _needs_cuda(args.device, "autotune")
+    import torch
+
+    device = torch.device(args.device)
+    path = tuning.tuning_path(args.output)
+    if path is None and not args.dry_run:
+        raise CLIError(f"${tuning.ENV_VAR} turns tuning off; pass --output FILE to store results")
+    dtype = getattr(torch, args.dtype)
+    gpu_name = torch.cuda.get_device_properties(device).name
+    _log(_versions())
+    _log(_device_line(device))
+    for batch in args.batch:
+        _log(f"autotune {args.model} ({config.summary()}), batch {batch}, position {args.pos}, "
+             f"{args.dtype}: {args.strategy} search; every setting compiles the kernel ...")
+        start = time.perf_counter()
+        result = tuning.autotune(config, batch=batch, dtype=dtype, pos=args.pos,
+                                 max_seq_len=max_seq_len, strategy=args.strategy,
+                                 budget_s=args.budget_s, max_trials=args.max_trials,
+                                 device=device, log=lambda m: _log(f"  {m}"))
+        took = time.perf_counter() - start
+        changed = result.changed()
+        what = ", ".join(f"{k}={v}" for k, v in changed.items()) or "the defaults"
+        print(f"{args.model} batch {batch} on {gpu_name}: best {what}: {result.best_ms:.3f} ms "
+              f"vs {result.default_ms:.3f} ms with the defaults ({result.speedup:.3f}x); "
+              f"{len(result.trials)} settings in {took:.0f} s"
+              + (f"; stopped early: {result.stopped}" if result.stopped else ""))
+        print(tuning.format_trials(result.trials, result.default))
+        if args.dry_run:
+            continue
+        entry = tuning.make_entry(result, gpu_name=gpu_name, config=config, batch=batch,
+                                  dtype=dtype, pos=args.pos, max_seq_len=max_seq_len,
+                                  strategy=args.strategy)
+        key = tuning.tuning_key(gpu_name, config, batch, dtype)
+        saved = tuning.save_entry(key, entry, path)
+        print(f"stored under {key!r} in {saved}")
+    return 0
+
+
 # generate.
 
 
@@ -464,9 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "info":
-            return cmd_info(args)
-        return cmd_generate(args)
+        commands = {"info": cmd_info, "profile": cmd_profile, "autotune": cmd_autotune}
+        return commands.get(args.command, cmd_generate)(args)
     except KeyboardInterrupt:
         _log("interrupted")
         return 130

@@ -307,7 +307,10 @@ def make_plan(
     `PackedWeights.scheme`)."""
     gpu = gpu or GpuSpec.current()
     _check_supported(config, batch, max_seq_len)
-    tiles = tiles or default_tiles(config, batch, max_seq_len, gpu)
+    if tiles is None:
+        tiles = default_tiles(config, batch, max_seq_len, gpu)
+        if gpu.num_sms > 1 and quant is None:  # what `flashformer-triton autotune` stored
+            tiles = _with_tuned(tiles, config, batch, dtype, gpu)
     tiles = replace(tiles, **tile_overrides)
     _check_tiles(config, tiles, batch)
     if quant:
@@ -443,3 +446,20 @@ def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme) -> None:
                     f"tile {name}={getattr(t, name)} must be >= the int4 group size "
                     f"{quant.group_size} (a streamed chunk holds whole groups)"
                 )
+
+
+def _with_tuned(tiles: Tiles, config: ModelConfig, batch: int, dtype: torch.dtype,
+                gpu: GpuSpec) -> Tiles:
+    """`tiles` with the autotuner's stored choice for this GPU and shape, if any and valid
+    (a stale entry must not stop a model from loading)."""
+    from flashformer_triton.tuning import load_tuned_tiles
+
+    tuned = load_tuned_tiles(gpu.name, config, batch, dtype)
+    if not tuned:
+        return tiles
+    candidate = replace(tiles, **tuned)
+    try:
+        _check_tiles(config, candidate, batch)
+    except ValueError:
+        return tiles
+    return candidate

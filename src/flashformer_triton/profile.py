@@ -121,3 +121,45 @@ def gantt_png(plan: Plan, records: torch.Tensor, path: str, *, programs: int = 6
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def profile_step(
+    config,
+    *,
+    batch: int = 1,
+    pos: int = 512,
+    max_seq_len: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cuda",
+    seed: int = 0,
+    steps: int = 3,
+) -> tuple[Plan, torch.Tensor]:
+    """Run `steps` decode steps of `config` with random weights and a random KV cache, every
+    sequence at position `pos`, with the timeline on (the first step compiles, the last is
+    recorded). Returns the plan and the records of the last step ([num_tasks, 5] int64 on the
+    device), ready for `summarize` and `gantt_png`. GPU only."""
+    from flashformer_triton.loading import random_state_dict
+    from flashformer_triton.plan import GpuSpec, make_plan
+    from flashformer_triton.runtime import DecodeRuntime
+    from flashformer_triton.weights import pack_weights
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError("the timeline profile reads GPU timers: it needs a CUDA device")
+    max_seq_len = max_seq_len or max(1024, pos + 64)
+    if not 0 <= pos < max_seq_len:
+        raise ValueError(f"pos={pos} must lie in [0, max_seq_len={max_seq_len})")
+    state = random_state_dict(config, seed=seed, dtype=dtype, device=device)
+    weights = pack_weights(config, state, dtype=dtype, device=device)
+    del state
+    plan = make_plan(config, batch=batch, max_seq_len=max_seq_len, dtype=dtype,
+                     gpu=GpuSpec.current(device), profile=1)
+    shape = (config.num_layers, batch, config.num_kv_heads, max_seq_len, config.head_dim)
+    k = torch.randn(shape, dtype=dtype, device=device)
+    runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))
+    runtime.ids.random_(0, config.vocab_size)
+    runtime.pos.fill_(pos)
+    for _ in range(max(1, steps)):  # compile, warm up, then the recorded step
+        runtime.launch()
+        runtime.check()
+    return plan, runtime.timeline
