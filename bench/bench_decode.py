@@ -25,7 +25,6 @@ import datetime
 import importlib.metadata
 import json
 import re
-import statistics
 import sys
 import time
 import traceback
@@ -39,6 +38,7 @@ from flashformer_triton.config import ModelConfig, preset
 from flashformer_triton.loading import random_state_dict
 from flashformer_triton.plan import make_plan
 from flashformer_triton.runtime import DecodeRuntime
+from flashformer_triton.tuning import time_cuda
 from flashformer_triton.weights import PackedWeights, pack_weights
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,19 +61,7 @@ def log(message: str) -> None:
 
 def time_ms(fn, *, inner: int = 20, repeats: int = 15, warmup: int = 3) -> float:
     """Median ms per call of `fn`, timing `inner` back-to-back calls between two events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / inner)
-    return statistics.median(samples)
+    return time_cuda(fn, inner=inner, repeats=repeats, warmup=warmup)
 
 
 def time_step(fn, *, warmup: int = 3, target_s: float = 2.0, max_inner: int = 20,

@@ -34,15 +34,19 @@ def arena_matrices(config: ModelConfig) -> tuple[tuple[str, int, int], ...]:
 
 
 @dataclass(frozen=True)
-class ArenaLayout:
-    """Offsets inside one layer's slab of the matrix arena, in storage units: elements for
-    bf16/fp16/fp32/int8 arenas, bytes (two int4 values each) for int4 ones."""
+class _Slab:
+    """Offsets of the four matrices inside one layer's slab, and the slab's length."""
 
     qkv: int
     o: int
     gate_up: int
     down: int
     layer_stride: int
+
+
+class ArenaLayout(_Slab):
+    """Offsets inside one layer's slab of the matrix arena, in storage units: elements for
+    bf16/fp16/fp32/int8 arenas, bytes (two int4 values each) for int4 ones."""
 
     @classmethod
     def of(cls, config: ModelConfig, scheme: QuantScheme | None = None) -> ArenaLayout:
@@ -50,16 +54,9 @@ class ArenaLayout:
         return cls(*_cumulative([rows * k // per_unit for _, rows, k in arena_matrices(config)]))
 
 
-@dataclass(frozen=True)
-class ScaleLayout:
+class ScaleLayout(_Slab):
     """Offsets inside one layer's slab of the scale (and zero-point) arena of a quantized
     model: the matrices in arena order, each [rows, groups] row-major."""
-
-    qkv: int
-    o: int
-    gate_up: int
-    down: int
-    layer_stride: int
 
     @classmethod
     def of(cls, config: ModelConfig, scheme: QuantScheme) -> ScaleLayout:
