@@ -116,11 +116,11 @@ def default_max_seq_len(pos: int) -> int:
 
 def decode_runtime(config: ModelConfig, weights: PackedWeights, *, batch: int, pos: int,
                    max_seq_len: int | None = None, **tiles: int) -> DecodeRuntime:
-    """Plan + random KV cache + runtime, its ids/pos buffers set for a step at `pos`
-    (then time `runtime.launch`)."""
+    """Plan (for the weights' quantization, if any) + random KV cache + runtime, its ids/pos
+    buffers set for a step at `pos` (then time `runtime.launch`)."""
     max_seq_len = max_seq_len or default_max_seq_len(pos)
     plan = make_plan(config, batch=batch, max_seq_len=max_seq_len, dtype=torch.bfloat16,
-                     **tiles)
+                     quant=weights.scheme, **tiles)
     shape = (config.num_layers, batch, config.num_kv_heads, max_seq_len, config.head_dim)
     k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
     runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))

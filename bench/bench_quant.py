@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_decode import copy_bandwidth, environment, graph_of, log, time_ms
+from bench_decode import copy_bandwidth, decode_runtime, environment, graph_of, log, time_ms
 
 from flashformer_triton.config import preset
 from flashformer_triton.loading import random_state_dict
-from flashformer_triton.plan import make_plan
 from flashformer_triton.quantize import QuantScheme, quantize, quantize_state
 from flashformer_triton.reference import ReferenceModel
-from flashformer_triton.runtime import DecodeRuntime
 from flashformer_triton.weights import pack_weights
 
 RESULTS = Path(__file__).parent / "results"
@@ -63,19 +61,15 @@ def kernel_row(config, state, scheme, *, pos: int, bandwidth: float, **tiles: in
                                tied=config.tie_word_embeddings) if scheme else state
     weights = pack_weights(config, quantized, dtype=torch.bfloat16, device="cuda")
     del quantized
-    plan = make_plan(config, batch=1, max_seq_len=pos + 64, quant=weights.scheme, **tiles)
-    shape = (config.num_layers, 1, config.num_kv_heads, plan.max_seq_len, config.head_dim)
-    k = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
-    runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))
-    runtime.ids.random_(0, config.vocab_size)
-    runtime.pos.fill_(pos)
+    runtime = decode_runtime(config, weights, batch=1, pos=pos, max_seq_len=pos + 64, **tiles)
+    plan = runtime.plan
     log(f"compiling the kernel ({weights.scheme.describe() if weights.scheme else 'bf16'})")
     runtime.launch()
     runtime.check()
     ms = time_ms(graph_of(runtime.launch))
     runtime.check()
     step_bytes = plan.step_bytes([pos])
-    del runtime, weights, k
+    del runtime, weights
     torch.cuda.empty_cache()
     return dict(step_bytes=step_bytes, ms=ms, floor_ms=step_bytes / bandwidth * 1e3,
                 tiles=tiles)

@@ -52,8 +52,10 @@ class Pair:
                 ref_config = dataclasses.replace(config, tie_word_embeddings=False)
         else:
             oracle = state
-        rounded = {name: t.to(dtype).float() if name not in state or not isinstance(
-            state[name], QuantizedLinear) else t.float() for name, t in oracle.items()}
+        # Dequantized matrices are the kernel's weights already; the rest is rounded to dtype.
+        quantized = {name for name, v in state.items() if isinstance(v, QuantizedLinear)}
+        rounded = {name: t.float() if name in quantized else t.to(dtype).float()
+                   for name, t in oracle.items()}
         self.ref = ReferenceModel(ref_config, rounded, max_batch_size=batch,
                                   max_seq_len=max_seq_len, dtype=torch.float32, device=DEVICE)
         self.weights = pack_weights(config, state, dtype=dtype, device=DEVICE)

@@ -324,7 +324,8 @@ def load_checkpoint(
 
         quant_formats.scheme_from_quantization_config(qcfg)  # unsupported -> clear error
     config = ModelConfig.from_hf_dict(raw)
-    shapes: dict[str, tuple[int, ...] | None] = dict(expected_shapes(config))
+    config_shapes = expected_shapes(config)
+    shapes: dict[str, tuple[int, ...] | None] = dict(config_shapes)
     weight_map, files = _weight_files(path)
     # Pre-quantized (GPTQ/AWQ): each quantized linear is read as its packed tensors (shapes
     # checked by the converter) and converted to a QuantizedLinear after reading.
@@ -334,7 +335,8 @@ def load_checkpoint(
         stored = set(weight_map) if weight_map is not None else _tensor_names(files)
         for prefix in quant_formats.quantized_linear_prefixes(config.num_layers, stored):
             weight = f"{prefix}.weight"
-            quantized[prefix] = (expected_shapes(config).get(weight)
+            # (a tied checkpoint's quantized LM head is not among the config's tensors)
+            quantized[prefix] = (config_shapes.get(weight)
                                  or (config.vocab_size, config.hidden_size))
             shapes.pop(weight, None)
             for name in quant_formats.quantized_tensor_names(prefix, qcfg):
@@ -408,9 +410,8 @@ def load_checkpoint(
         name: out[name] for name, shape in shapes.items() if shape is not None
     }
     for prefix, (out_features, in_features) in quantized.items():
-        names = [n for n in list(out) if n.startswith(prefix + ".")
-                 and n[len(prefix) + 1 :] in ("qweight", "qzeros", "scales", "g_idx")]
-        packed = {n: out.pop(n) for n in names}
+        packed = {n: out.pop(n) for n in quant_formats.quantized_tensor_names(prefix, qcfg)
+                   if n in out}  # (g_idx is optional)
         state[f"{prefix}.weight"] = quant_formats.convert_linear(
             qcfg, packed, prefix, in_features, out_features
         ).to(device)

@@ -639,22 +639,22 @@ class FlashFormer(torch.nn.Module):
         if not (q and q.lm_head):
             return F.linear(h, self._lm_head().detach()).float()
         # Dequantize the LM head a block of rows at a time: bounded temporary memory.
-        out, block = [], 16384
-        for r in range(0, self.config.vocab_size, block):
-            zeros = None if q.symmetric else self.lm_zeros.detach()[r : r + block]
-            rows = QuantizedLinear(self.lm_head.detach()[r : r + block],
-                                   self.lm_scales.detach()[r : r + block], zeros, q)
-            out.append(F.linear(h, rows.dequantize(self._dtype)).float())
+        head, block = self._quantized_lm_head(), 16384
+        out = [F.linear(h, head.rows(slice(r, r + block)).dequantize(self._dtype)).float()
+               for r in range(0, self.config.vocab_size, block)]
         return torch.cat(out, dim=-1)
+
+    def _quantized_lm_head(self) -> QuantizedLinear:
+        q = self.quant
+        zeros = None if q.symmetric else self.lm_zeros.detach()
+        return QuantizedLinear(self.lm_head.detach(), self.lm_scales.detach(), zeros, q)
 
     def dequantized_lm_head(self) -> Tensor:
         """The LM head in the model dtype (a copy when it is quantized)."""
         q = self.quant
         if not (q and q.lm_head):
             return self._lm_head().detach()
-        zeros = None if q.symmetric else self.lm_zeros.detach()
-        return QuantizedLinear(self.lm_head.detach(), self.lm_scales.detach(), zeros,
-                               q).dequantize(self._dtype)
+        return self._quantized_lm_head().dequantize(self._dtype)
 
     # forward.
 

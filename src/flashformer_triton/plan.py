@@ -30,7 +30,7 @@ import torch
 
 from flashformer_triton.config import ModelConfig, UnsupportedModelError
 from flashformer_triton.quantize import QuantScheme
-from flashformer_triton.weights import ArenaLayout, NormLayout, ScaleLayout
+from flashformer_triton.weights import ArenaLayout, NormLayout, ScaleLayout, check_quantizable
 
 
 class Op(IntEnum):
@@ -436,9 +436,7 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
 
 
 def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme) -> None:
-    for name, k in (("hidden_size", config.hidden_size), ("q_size", config.q_size),
-                    ("intermediate_size", config.intermediate_size)):
-        quant.check_features(name, k)
+    check_quantizable(config, quant)
     if quant.group_size:
         for name in ("block_k", "qkv_block_k"):
             if getattr(t, name) < quant.group_size:

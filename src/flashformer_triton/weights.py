@@ -63,6 +63,13 @@ class ScaleLayout(_Slab):
         return cls(*_cumulative([rows * scheme.groups(k) for _, rows, k in arena_matrices(config)]))
 
 
+def check_quantizable(config: ModelConfig, scheme: QuantScheme) -> None:
+    """Every matrix input size (hidden, q and intermediate size) holds whole groups."""
+    for name, k in (("hidden_size", config.hidden_size), ("q_size", config.q_size),
+                    ("intermediate_size", config.intermediate_size)):
+        scheme.check_features(name, k)
+
+
 def _cumulative(sizes: list[int]) -> list[int]:
     offsets = [0]
     for size in sizes:
@@ -173,9 +180,7 @@ def pack_weights(
     quantized too."""
     scheme = _scheme_of(state, quant)
     if scheme:  # one model-level message before any matrix is touched
-        for name, k in (("hidden_size", config.hidden_size), ("q_size", config.q_size),
-                        ("intermediate_size", config.intermediate_size)):
-            scheme.check_features(name, k)
+        check_quantizable(config, scheme)
     layout, norms_layout = ArenaLayout.of(config, scheme), NormLayout.of(config)
     hd, L = config.head_dim, config.num_layers
     heads = config.num_heads + 2 * config.num_kv_heads
@@ -197,6 +202,13 @@ def pack_weights(
         if name not in state:
             raise KeyError(f"state dict has no tensor {name!r} needed by the kernel")
         return state[name].to(device)
+
+    nl = norms_layout
+    norm_slots = [(nl.attn, nl.mlp, "input_layernorm.weight"),
+                  (nl.mlp, nl.q, "post_attention_layernorm.weight")]
+    if config.qk_norm:
+        norm_slots += [(nl.q, nl.k, "self_attn.q_norm.weight"),
+                       (nl.k, nl.layer_stride, "self_attn.k_norm.weight")]
 
     def matrix(names: list[str], k: int) -> torch.Tensor | QuantizedLinear:
         """The named matrices stacked along the rows: a tensor, or a QuantizedLinear."""
@@ -230,19 +242,8 @@ def pack_weights(
                 if zeros is not None:
                     zeros[s0 : s0 + m.zeros.numel()].copy_(m.zeros.reshape(-1))
         nbase = i * norms_layout.layer_stride
-        norms[nbase + norms_layout.attn : nbase + norms_layout.mlp] = get(
-            p + "input_layernorm.weight"
-        ).float()
-        norms[nbase + norms_layout.mlp : nbase + norms_layout.q] = get(
-            p + "post_attention_layernorm.weight"
-        ).float()
-        if config.qk_norm:
-            norms[nbase + norms_layout.q : nbase + norms_layout.k] = get(
-                p + "self_attn.q_norm.weight"
-            ).float()
-            norms[nbase + norms_layout.k : nbase + norms_layout.layer_stride] = get(
-                p + "self_attn.k_norm.weight"
-            ).float()
+        for start, end, name in norm_slots:
+            norms[nbase + start : nbase + end] = get(p + name).float()
         if config.qkv_bias:
             bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")])
             qkv_bias[i] = bias.float()[row_order]
