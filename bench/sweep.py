@@ -2,6 +2,8 @@
 
     python bench/sweep.py --shape llama-3.1-8b --configs "" "programs_per_sm=3" \\
         "block_k=1024,num_warps=8"
+    python bench/sweep.py --shape llama-3.1-8b --weights int8 int4-g128 --configs "" \\
+        "num_warps=8"
 
 Each config is a comma list of plan.Tiles fields over the shape's defaults. Prints one row a
 config (ms per step, fraction of the floor, registers and spills) and the best last.
@@ -12,10 +14,17 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
-from bench_decode import copy_bandwidth, decode_runtime, log, random_weights, time_ms
+import torch
+from bench_decode import copy_bandwidth, decode_runtime, log, time_ms
+from bench_quant import SCHEMES
 
+from flashformer_triton.config import preset
+from flashformer_triton.loading import random_state_dict
 from flashformer_triton.plan import make_plan
+from flashformer_triton.quantize import quantize_state
+from flashformer_triton.weights import pack_weights
 
 
 def parse(config: str) -> dict[str, int]:
@@ -29,10 +38,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pos", type=int, default=512)
     parser.add_argument("--configs", nargs="+", default=[""])
+    parser.add_argument("--weights", nargs="+", default=["bf16"], choices=list(SCHEMES))
+    parser.add_argument("--dump-asm", type=Path, default=None,
+                        help="write each config's SASS (or PTX) there, for reading the loops")
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth()
-    config, state, weights = random_weights(args.shape)
-    del state
+    config = preset(args.shape)
+    state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    results = []
+    for scheme_name in args.weights:
+        scheme = SCHEMES[scheme_name]
+        quantized = quantize_state(config.num_layers, state, scheme,
+                                   tied=config.tie_word_embeddings) if scheme else state
+        weights = pack_weights(config, quantized, dtype=torch.bfloat16, device="cuda")
+        del quantized
+        results += sweep(args, config, weights, scheme_name, bandwidth)
+        del weights
+        torch.cuda.empty_cache()
+    if results:
+        best = min(results)
+        print(f"best: {best[1]} {best[0]:.3f} ms; defaults were "
+              f"{asdict(make_plan(config, batch=args.batch, max_seq_len=1024).tiles)}")
+    return 0
+
+
+def sweep(args, config, weights, scheme_name: str, bandwidth: float) -> list[tuple[float, str]]:
+    """One row a config for these packed weights; (ms, label) of those that ran."""
     results = []
     for text in args.configs:
         try:
@@ -49,15 +80,19 @@ def main(argv: list[str] | None = None) -> int:
         floor = plan.floor_ms([args.pos] * args.batch, bandwidth)
         regs = getattr(runtime.compiled, "n_regs", "?")
         spills = getattr(runtime.compiled, "n_spills", "?")
-        results.append((ms, text))
-        print(f"{args.shape} b{args.batch} p{args.pos} {text or 'defaults':<48} {ms:8.3f} ms "
+        label = f"{scheme_name} {text or 'defaults'}"
+        results.append((ms, label))
+        print(f"{args.shape} b{args.batch} p{args.pos} {label:<48} {ms:8.3f} ms "
               f"frac {floor / ms:5.3f} tasks {plan.num_tasks:6d} regs {regs} spills {spills}",
               flush=True)
-    if results:
-        best = min(results)
-        print(f"best: {best[1] or 'defaults'} {best[0]:.3f} ms; defaults were "
-              f"{asdict(make_plan(config, batch=args.batch, max_seq_len=plan.max_seq_len).tiles)}")
-    return 0
+        if args.dump_asm:
+            asm = runtime.compiled.asm
+            kind = "sass" if asm.get("sass") else "ptx"
+            args.dump_asm.mkdir(parents=True, exist_ok=True)
+            name = f"{args.shape}-{label.replace(' ', '-').replace(',', '-')}.{kind}"
+            (args.dump_asm / name).write_text(asm[kind])
+        del runtime
+    return results
 
 
 if __name__ == "__main__":

@@ -136,16 +136,6 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _mv(w, x, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """x [BP, BK] fp32 times w [BN, BK]^T -> [BP, BN] fp32 (tl.dot in w's dtype)."""
-    if USE_DOT:
-        out = _dot(x.to(w.dtype), tl.trans(w), DOT_PREC)
-    else:
-        out = tl.sum(w[None, :, :].to(tl.float32) * x[:, None, :], axis=2)
-    return out
-
-
-@triton.jit
 def _load_x(x_ptr, norm_ptr, cols, K, B: tl.constexpr, BP: tl.constexpr, NORM: tl.constexpr):
     """Columns `cols` of the activations [BP, len(cols)] (from L2: written by other programs
     this launch): (x times the matching RMSNorm weights for a fused norm, sum of x^2 over the
@@ -162,6 +152,17 @@ def _load_x(x_ptr, norm_ptr, cols, K, B: tl.constexpr, BP: tl.constexpr, NORM: t
     return x, sq
 
 
+@triton.jit
+def _load_x1(x_ptr, norm_ptr, cols, K, NORM: tl.constexpr):
+    """Batch 1: the activations at `cols` (any shape) and x itself for the norm's sum of
+    squares; times the RMSNorm weights for a fused norm."""
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
+    raw = x
+    if NORM:
+        x = x * tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
+    return x, raw
+
+
 # Small integers to fp32 without the int->float converter (a quarter-rate unit; int4 needs two
 # conversions per byte): OR the value into the mantissa of 2^23 and subtract 2^23 (exact for
 # 0 <= v < 2^23).
@@ -176,74 +177,95 @@ def _as_f32_plus_magic(v):
 
 
 @triton.jit
+def _int8_to_f32(w):
+    """int8 codes -> fp32 exactly, by the same trick: the byte XOR 0x80 is w + 128 (0..255),
+    and the one XOR also sets the bits of 2^23 (5.50 -> 4.95 ms on 8B, bench/NOTES.md Q10)."""
+    u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+    return (u ^ (MAGIC_BITS | 0x80)).to(tl.float32, bitcast=True) - (MAGIC + 128.0)
+
+
+@triton.jit
+def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BN: tl.constexpr, BK: tl.constexpr,
+                GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """A packed int4 chunk [BN, groups, GROUP/2] bytes -> (code - zero) of its low nibbles
+    (even columns) and high nibbles (odd columns) in fp32, and the groups' scales [BN, groups]
+    (the maths of quantize.dequantize)."""
+    grp = k0 // GROUP + tl.arange(0, BK // GROUP)
+    smask = row_mask[:, None] & (grp < K // GROUP)[None, :]
+    sidx = rows[:, None] * (K // GROUP) + grp[None, :]
+    scale = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)
+    else:
+        zero = tl.full([BN, BK // GROUP], 8.0, dtype=tl.float32)
+    # code + 2^23 - (zero + 2^23) = code - zero, exactly.
+    lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
+    hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
+    return lo, hi, scale
+
+
+@triton.jit
 def _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
               B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-              WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-              CDT: tl.constexpr):
-    """One streamed chunk: (w dequantized) times x for columns k0..k0+BK -> [BP, BN], and the
-    chunk's sum of x^2 (for RMSNorm).
-
-    int4: (code - zero) * scale per group, the maths of quantize.dequantize; the low nibbles
-    are the even columns, the high nibbles the odd ones, so each meets its own half of x.
-    At batch 1 the group's scale multiplies the group's partial sum instead of every weight.
+              NORM: tl.constexpr, DOT_PREC: tl.constexpr, WBITS: tl.constexpr,
+              GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr):
+    """Batch > 1, one streamed chunk on tensor cores: (w dequantized) @ x for columns
+    k0..k0+BK -> [BP, BN] fp32, and the chunk's sum of x^2 per sequence (for RMSNorm).
     int8: the codes enter the product as they are; the per-row scale is applied once, after
     the last chunk (_gemv)."""
     if WBITS == 4:
-        HALF_G: tl.constexpr = GROUP // 2
-        grp = k0 // GROUP + tl.arange(0, BK // GROUP)
-        smask = row_mask[:, None] & (grp < K // GROUP)[None, :]
-        sidx = rows[:, None] * (K // GROUP) + grp[None, :]
-        scale = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)
-        else:
-            zero = tl.full([BN, BK // GROUP], 8.0, dtype=tl.float32)
-        # code + 2^23 - (zero + 2^23) = code - zero, exactly.
-        lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
-        hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
-        if USE_DOT:
-            HALF_K: tl.constexpr = BK // 2
-            even = k0 + 2 * tl.arange(0, HALF_K)
-            xe, sq_e = _load_x(x_ptr, norm_ptr, even, K, B, BP, NORM)
-            xo, sq_o = _load_x(x_ptr, norm_ptr, even + 1, K, B, BP, NORM)
-            lo = tl.reshape(lo * scale[:, :, None], [BN, HALF_K])
-            hi = tl.reshape(hi * scale[:, :, None], [BN, HALF_K])
-            if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
-                lo = lo.to(CDT)
-                hi = hi.to(CDT)
-            out = _mv(lo, xe, USE_DOT, DOT_PREC) + _mv(hi, xo, USE_DOT, DOT_PREC)
-            sq = sq_e + sq_o
-        else:  # batch 1: x as [groups, pairs], no reshape of the weights
-            even = grp[:, None] * GROUP + 2 * tl.arange(0, HALF_G)[None, :]
-            xe, sq_e = _load_x1(x_ptr, norm_ptr, even, K, NORM)
-            xo, sq_o = _load_x1(x_ptr, norm_ptr, even + 1, K, NORM)
-            part = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, groups]
-            out = tl.sum(part * scale, axis=1)[None, :]
-            sq = tl.zeros([BP], dtype=tl.float32) + (sq_e + sq_o)
+        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BN, BK, GROUP,
+                                    HAS_ZEROS)
+        HALF_K: tl.constexpr = BK // 2
+        even = k0 + 2 * tl.arange(0, HALF_K)
+        xe, sq_e = _load_x(x_ptr, norm_ptr, even, K, B, BP, NORM)
+        xo, sq_o = _load_x(x_ptr, norm_ptr, even + 1, K, B, BP, NORM)
+        lo = tl.reshape(lo * scale[:, :, None], [BN, HALF_K])
+        hi = tl.reshape(hi * scale[:, :, None], [BN, HALF_K])
+        if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
+            lo = lo.to(CDT)
+            hi = hi.to(CDT)
+        out = _dot(xe.to(lo.dtype), tl.trans(lo), DOT_PREC)
+        out += _dot(xo.to(hi.dtype), tl.trans(hi), DOT_PREC)
+        sq = sq_e + sq_o
     else:
         x, sq = _load_x(x_ptr, norm_ptr, k0 + tl.arange(0, BK), K, B, BP, NORM)
         if WBITS == 8:
-            # Exact; the converter measured faster here than the 2^23 trick (bench/NOTES.md).
-            # Through fp32 also for tl.dot: the interpreter converts int8 -> bf16 wrongly.
-            w = w.to(tl.float32)
-            if USE_DOT:
-                w = w.to(CDT)
-        out = _mv(w, x, USE_DOT, DOT_PREC)
+            # Through fp32: the interpreter converts int8 -> bf16 wrongly.
+            w = _int8_to_f32(w).to(CDT)
+        out = _dot(x.to(w.dtype), tl.trans(w), DOT_PREC)
     return out, sq
 
 
 @triton.jit
-def _load_x1(x_ptr, norm_ptr, cols, K, NORM: tl.constexpr):
-    """Batch 1: the activations at `cols` (any shape), times the RMSNorm weights for a fused
-    norm, and the sum of x^2 over them (a scalar)."""
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
-    if NORM:
-        sq = tl.sum(tl.sum(x * x, axis=1), axis=0)
-        x = x * tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
+def _chunk_fma(acc, sq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+               BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, WBITS: tl.constexpr,
+               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """Batch 1, one streamed chunk on the FMA units: acc += w * x element by element (acc is
+    shaped like the chunk) and sq += x^2 (shaped like the chunk's x). Nothing is reduced
+    across threads until the tile's last chunk (_gemv): a per-chunk reduction cost more
+    shuffles and shared-memory round trips than the multiply-adds themselves."""
+    if WBITS == 4:
+        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BN, BK, GROUP,
+                                    HAS_ZEROS)
+        # x as [groups, pairs, 2]: contiguous loads, split into the even and odd columns.
+        grp = k0 // GROUP + tl.arange(0, BK // GROUP)
+        cols = (grp[:, None, None] * GROUP + 2 * tl.arange(0, GROUP // 2)[None, :, None]
+                + tl.arange(0, 2)[None, None, :])
+        x, raw = _load_x1(x_ptr, norm_ptr, cols, K, NORM)
+        xe, xo = tl.split(x)
+        acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * scale[:, :, None]
+        if NORM:
+            sq += tl.sum(raw * raw, axis=2)
     else:
-        sq = 0.0
-    return x, sq
+        x, raw = _load_x1(x_ptr, norm_ptr, k0 + tl.arange(0, BK), K, NORM)
+        if WBITS == 8:
+            acc += _int8_to_f32(w) * x[None, :]
+        else:
+            acc += w.to(tl.float32) * x[None, :]
+        if NORM:
+            sq += raw * raw
+    return acc, sq
 
 
 @triton.jit
@@ -256,28 +278,54 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
     loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at z_ptr,
     indexed like the rows). Also returns sum_k x[b, k]^2 so the caller can apply RMSNorm's
     1/rms afterwards."""
-    acc, sumsq = _chunk_mv(w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, 0, B, BP,
-                           BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT)
+    if USE_DOT:
+        acc, sumsq = _chunk_mv(w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, 0, B,
+                               BP, BN, BK, NORM, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT)
+    elif WBITS == 4:
+        acc = tl.zeros([BN, BK // GROUP, GROUP // 2], dtype=tl.float32)
+        sumsq = tl.zeros([BK // GROUP, GROUP // 2], dtype=tl.float32)
+        acc, sumsq = _chunk_fma(acc, sumsq, w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
+                                row_mask, K, 0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
+    else:
+        acc = tl.zeros([BN, BK], dtype=tl.float32)
+        sumsq = tl.zeros([BK], dtype=tl.float32)
+        acc, sumsq = _chunk_fma(acc, sumsq, w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
+                                row_mask, K, 0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(BK, K, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP)
-            part, sq = _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B,
-                                 BP, BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS,
-                                 CDT)
-            acc += part
-            sumsq += sq
+            if USE_DOT:
+                part, sq = _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+                                     B, BP, BN, BK, NORM, DOT_PREC, WBITS, GROUP, HAS_ZEROS,
+                                     CDT)
+                acc += part
+                sumsq += sq
+            else:
+                acc, sumsq = _chunk_fma(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
+                                        row_mask, K, k0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
         w_next = _load_w(w_ptr, rows, row_mask, K, BK, BK, WBITS, GROUP)
         for k0 in range(BK, K, BK):
             w_cur = w_next
             w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP)
-            part, sq = _chunk_mv(w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
-                                 B, BP, BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP,
-                                 HAS_ZEROS, CDT)
-            acc += part
-            sumsq += sq
+            if USE_DOT:
+                part, sq = _chunk_mv(w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K,
+                                     k0, B, BP, BN, BK, NORM, DOT_PREC, WBITS, GROUP,
+                                     HAS_ZEROS, CDT)
+                acc += part
+                sumsq += sq
+            else:
+                acc, sumsq = _chunk_fma(acc, sumsq, w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
+                                        row_mask, K, k0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
+    if not USE_DOT:  # the one cross-thread reduction of the tile
+        if WBITS == 4:
+            acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+            sumsq = tl.zeros([BP], dtype=tl.float32) + tl.sum(tl.sum(sumsq, axis=1), axis=0)
+        else:
+            acc = tl.sum(acc, axis=1)[None, :]
+            sumsq = tl.zeros([BP], dtype=tl.float32) + tl.sum(sumsq, axis=0)
     if WBITS == 8:
         acc = acc * tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     return acc, sumsq

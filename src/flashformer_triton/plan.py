@@ -113,12 +113,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpec) -> Tiles:
+def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpec,
+                  quant: QuantScheme | None = None) -> Tiles:
     """A reasonable starting point per shape; bench/ tunes from here."""
     hd = config.head_dim
     programs = gpu.num_sms * 2
-    splits = _pow2(math.ceil(programs / (batch * config.num_kv_heads)))
-    splits = max(1, min(splits, 64, math.ceil(max_seq_len / 64)))
+    # Flash-decoding splits: at most one attention task per program, and at least 256 cache
+    # positions per split (1B on an H100: 4 splits best at a 1024-position cache, 16-32 at 8k,
+    # 32 at 32k; the old 64 cost 20% at 8k and 32k, bench/NOTES.md row 23).
+    per_program = programs // (batch * config.num_kv_heads)
+    splits = max(1, min(per_program, max_seq_len // 256, 64))
+    splits = 1 << int(math.log2(splits))
 
     def rows_for(n: int, choices: tuple[int, ...] = (16, 8)) -> int:
         # A stage's last round of tasks leaves programs idle until the next stage may start:
@@ -138,10 +143,21 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     heads = config.num_heads + 2 * config.num_kv_heads
     # Qwen3's qk-norm needs the whole head in one task.
     qkv_rows = hd if config.qk_norm else rows_for(heads * hd, (min(hd, 16), min(hd, 8)))
-    # Keep a streamed chunk near 8K elements so two chunks in flight stay in registers.
-    qkv_block_k = max(32, min(512, 8192 // qkv_rows))
+    # Model-dtype weights: at least 8 streamed chunks per task (the shortest tiles are
+    # [rows, hidden]), since long chunks cost more in the ramp after each barrier (1B: 256
+    # columns, 1.29 -> 1.21 ms), with about 1024 columns of a tile in flight. Quantized chunks
+    # are 2-4x fewer bytes already: 512 columns (1B int8: 1.28 ms at 256, 1.04 at 512).
+    # (bench/NOTES.md rows 20-22, Q9-Q11.)
+    block_k = 512 if quant else max(256, min(512, 1 << int(math.log2(max(1, d // 8)))))
+    stages = 1 + 1024 // block_k
+    # A QKV chunk keeps about 8K elements, in at most block_k columns.
+    qkv_block_k = max(32, min(block_k, 8192 // qkv_rows))
+    # Batch 1 accumulates a whole [rows, k-chunk] tile in registers (kernels/decode.py
+    # _chunk_fma): 32 LM-head rows of 512 columns spilled, 16 do not.
+    lm_rows = 32 if batch > 1 else 16
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
-                 o_rows=rows_for(d), down_rows=rows_for(d), gate_up_rows=rows_for(f))
+                 o_rows=rows_for(d), down_rows=rows_for(d), gate_up_rows=rows_for(f),
+                 lm_rows=lm_rows, block_k=block_k, pipeline_stages=stages)
 
 
 @dataclass
@@ -308,7 +324,7 @@ def make_plan(
     gpu = gpu or GpuSpec.current()
     _check_supported(config, batch, max_seq_len)
     if tiles is None:
-        tiles = default_tiles(config, batch, max_seq_len, gpu)
+        tiles = default_tiles(config, batch, max_seq_len, gpu, quant)
         if gpu.num_sms > 1 and quant is None:  # what `flashformer-triton autotune` stored
             tiles = _with_tuned(tiles, config, batch, dtype, gpu)
     tiles = replace(tiles, **tile_overrides)
