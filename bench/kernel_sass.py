@@ -26,11 +26,11 @@ os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from flashformer_triton.kernels import decode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flashformer_triton.config import preset  # noqa: E402
-from flashformer_triton.kernels import decode  # noqa: E402
 from flashformer_triton.plan import GpuSpec, make_plan  # noqa: E402
 from flashformer_triton.quantize import QuantScheme  # noqa: E402
 
