@@ -5,6 +5,7 @@ reference), and that the pytest-benchmark suites stay out of the normal test run
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -232,3 +233,22 @@ def test_bench_generate_dry_run_on_the_cpu(tmp_path, monkeypatch) -> None:
     assert [r["agree"] for r in data["rows"]] == [None, 3, 3, 3]
     assert set(data["rows"][0]["speedup"]) == set(peers.PEERS)
     assert "Greedy generation" in report.report([path])
+
+
+def test_kernel_sass_reads_the_loops_of_the_compiled_kernel() -> None:
+    """bench/kernel_sass.py compiles the real kernel for sm_90a without a GPU (its own process:
+    this one runs the interpreter) and finds the GEMV loops in the SASS."""
+    env = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'bench'}", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_sass.py"), "--shape",
+                          "tiny", "--weights", "int8", "--min-len", "20"],
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **env})
+    if run.returncode != 0 and "ptxas" in run.stderr and "No such file" in run.stderr:
+        pytest.skip("this triton build ships no ptxas")
+    assert run.returncode == 0, run.stderr[-2000:]
+    head, *loops = run.stdout.strip().splitlines()
+    assert re.search(r"Used \d+ registers", head), head
+    # An int8 GEMV loop: multiply-adds and the XOR of the 2^23 trick, no int->float converter.
+    gemv = [line for line in loops if "FFMA" in line and "LOP3" in line]
+    assert gemv, run.stdout
+    assert all("I2F" not in line for line in gemv), run.stdout
