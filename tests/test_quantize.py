@@ -30,6 +30,7 @@ from flashformer_triton.quantize import (
     quantize_state,
     unpack_int4,
 )
+from flashformer_triton.runtime import DecodeRuntime
 from flashformer_triton.weights import pack_weights
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -155,6 +156,22 @@ def test_packing_quantizes_like_quantize_state(scheme: str) -> None:
     assert plan.weight_bytes() == held
     bf16 = make_plan(config, batch=1, max_seq_len=64).weight_bytes()
     assert plan.weight_bytes() < bf16 * (0.6 if q.bits == 8 else 0.35)
+
+
+def test_runtime_refuses_a_plan_for_other_weights() -> None:
+    """A plan must be built for the weights' own quantization: the kernel would otherwise
+    read int8 codes as bf16 (or the reverse) and return wrong logits without an error."""
+    config = preset("tiny")
+    state = random_state_dict(config, dtype=torch.float32)
+    int8 = pack_weights(config, state, dtype=torch.float32, quant=QuantScheme(8))
+    plain = pack_weights(config, state, dtype=torch.float32)
+    shape = (config.num_layers, 1, config.num_kv_heads, 64, config.head_dim)
+    cache = torch.zeros(shape)
+    for weights, plan_quant, match in ((int8, None, "plan is for unquantized weights"),
+                                       (plain, QuantScheme(8), "packed weights are unquant")):
+        plan = make_plan(config, batch=1, max_seq_len=64, dtype=torch.float32, quant=plan_quant)
+        with pytest.raises(ValueError, match=match):
+            DecodeRuntime(config, weights, plan, cache, cache.clone())
 
 
 def test_plan_byte_count_for_8b_int4() -> None:

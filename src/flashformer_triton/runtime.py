@@ -83,6 +83,15 @@ class DecodeRuntime:
     ) -> None:
         self.config, self.weights, self.plan = config, weights, plan
         self.device = weights.arena.device
+        if plan.quant != weights.scheme:  # the kernel would read the codes with the wrong maths
+            def name(scheme):
+                return scheme.describe() if scheme else "unquantized"
+
+            raise ValueError(
+                f"the plan is for {name(plan.quant)} weights but the packed weights are "
+                f"{name(weights.scheme)}: build the plan with make_plan(..., "
+                f"quant=weights.scheme)"
+            )
         self.kernel = kernel_module(self.device).decode_step_kernel
         expected = (config.num_layers, plan.batch, config.num_kv_heads, plan.max_seq_len,
                     config.head_dim)
