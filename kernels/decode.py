@@ -269,6 +269,24 @@ def _chunk_fma(acc, sq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
 
 
 @triton.jit
+def _accumulate(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+                B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                CDT: tl.constexpr):
+    """Add the chunk of columns k0..k0+BK to the GEMV's accumulators (their shapes: _gemv)."""
+    if USE_DOT:
+        part, sq = _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BN,
+                             BK, NORM, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT)
+        acc += part
+        sumsq += sq
+    else:
+        acc, sumsq = _chunk_fma(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K,
+                                k0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
+    return acc, sumsq
+
+
+@triton.jit
 def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -278,47 +296,36 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
     loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at z_ptr,
     indexed like the rows). Also returns sum_k x[b, k]^2 so the caller can apply RMSNorm's
     1/rms afterwards."""
+    # Accumulators: reduced per chunk on tensor cores ([BP, BN], [BP]); at batch 1 shaped like
+    # the chunk and its x, reduced once after the last chunk (_chunk_fma).
     if USE_DOT:
-        acc, sumsq = _chunk_mv(w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, 0, B,
-                               BP, BN, BK, NORM, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT)
+        acc = tl.zeros([BP, BN], dtype=tl.float32)
+        sumsq = tl.zeros([BP], dtype=tl.float32)
     elif WBITS == 4:
         acc = tl.zeros([BN, BK // GROUP, GROUP // 2], dtype=tl.float32)
         sumsq = tl.zeros([BK // GROUP, GROUP // 2], dtype=tl.float32)
-        acc, sumsq = _chunk_fma(acc, sumsq, w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
-                                row_mask, K, 0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
     else:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
         sumsq = tl.zeros([BK], dtype=tl.float32)
-        acc, sumsq = _chunk_fma(acc, sumsq, w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
-                                row_mask, K, 0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
+    acc, sumsq = _accumulate(acc, sumsq, w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask,
+                             K, 0, B, BP, BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP,
+                             HAS_ZEROS, CDT)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(BK, K, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP)
-            if USE_DOT:
-                part, sq = _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
-                                     B, BP, BN, BK, NORM, DOT_PREC, WBITS, GROUP, HAS_ZEROS,
-                                     CDT)
-                acc += part
-                sumsq += sq
-            else:
-                acc, sumsq = _chunk_fma(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
-                                        row_mask, K, k0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
+            acc, sumsq = _accumulate(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
+                                     row_mask, K, k0, B, BP, BN, BK, NORM, USE_DOT, DOT_PREC,
+                                     WBITS, GROUP, HAS_ZEROS, CDT)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
         w_next = _load_w(w_ptr, rows, row_mask, K, BK, BK, WBITS, GROUP)
         for k0 in range(BK, K, BK):
             w_cur = w_next
             w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP)
-            if USE_DOT:
-                part, sq = _chunk_mv(w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K,
-                                     k0, B, BP, BN, BK, NORM, DOT_PREC, WBITS, GROUP,
-                                     HAS_ZEROS, CDT)
-                acc += part
-                sumsq += sq
-            else:
-                acc, sumsq = _chunk_fma(acc, sumsq, w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
-                                        row_mask, K, k0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
+            acc, sumsq = _accumulate(acc, sumsq, w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
+                                     row_mask, K, k0, B, BP, BN, BK, NORM, USE_DOT, DOT_PREC,
+                                     WBITS, GROUP, HAS_ZEROS, CDT)
     if not USE_DOT:  # the one cross-thread reduction of the tile
         if WBITS == 4:
             acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
