@@ -253,6 +253,12 @@ class Results:
         tmp.replace(self.path)
 
 
+def speedup_text(row: dict, peer: str) -> str:
+    """The row's speed-up over `peer` for a text table ("-" when that peer did not run)."""
+    value = row.get("speedup", {}).get(peer)
+    return f"{value:.2f}x" if value else "-"
+
+
 def format_table(env: dict, bandwidth: float, rows: list[dict]) -> str:
     add_speedups(rows)
     lines = [
@@ -263,15 +269,12 @@ def format_table(env: dict, bandwidth: float, rows: list[dict]) -> str:
         f"{'vs HF eager':>12}",
     ]
 
-    def ratio(r: dict, peer: str) -> str:
-        value = r.get("speedup", {}).get(peer)
-        return f"{value:.2f}x" if value else "-"
-
     for r in rows:
         lines.append(
             f"{r['shape']:<14}{r['batch']:>3}{r['pos']:>7}  {r['system']:<30}{r['ms']:>9.3f}"
             f"{r['tok_s']:>9.0f}{r['gbs']:>8.0f}{r['floor_ms']:>10.3f}{r['fraction']:>6.2f}"
-            f"{ratio(r, 'compile'):>11}{ratio(r, 'hf-static'):>11}{ratio(r, 'hf-eager'):>12}"
+            f"{speedup_text(r, 'compile'):>11}{speedup_text(r, 'hf-static'):>11}"
+            f"{speedup_text(r, 'hf-eager'):>12}"
         )
     return "\n".join(lines)
 
@@ -284,6 +287,19 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
+def runnable_peers(results: Results, peers: list[str], where: dict) -> list[str]:
+    """The selected peers in PEERS order; without transformers its peers are recorded as
+    skipped instead."""
+    import peers as peer_lib
+
+    wanted = [p for p in PEERS if p in peers]
+    if peer_lib.transformers_version() is None:
+        for p in [p for p in wanted if p in peer_lib.HF_PEERS]:
+            results.skip("transformers is not installed", system=peer_lib.SYSTEMS[p], **where)
+        wanted = [p for p in wanted if p not in peer_lib.HF_PEERS]
+    return wanted
+
+
 def run_peers(results: Results, config: ModelConfig, name: str, batch: int, pos: int,
               max_seq_len: int, peers: list[str], unfit: dict[str, str], row, deadline: float,
               hf_attn: str) -> None:
@@ -291,11 +307,7 @@ def run_peers(results: Results, config: ModelConfig, name: str, batch: int, pos:
     import peers as peer_lib
 
     where = dict(shape=name, batch=batch, pos=pos)
-    wanted = [p for p in PEERS if p in peers]
-    if any(p in peer_lib.HF_PEERS for p in wanted) and peer_lib.transformers_version() is None:
-        for p in [p for p in wanted if p in peer_lib.HF_PEERS]:
-            results.skip("transformers is not installed", system=peer_lib.SYSTEMS[p], **where)
-        wanted = [p for p in wanted if p not in peer_lib.HF_PEERS]
+    wanted = runnable_peers(results, peers, where)
     hf = None  # one transformers model serves both HF peers
     try:
         for key in wanted:

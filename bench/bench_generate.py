@@ -38,6 +38,8 @@ from bench_decode import (
     fit_report,
     gpu_slug,
     log,
+    runnable_peers,
+    speedup_text,
 )
 
 from flashformer_triton.config import preset
@@ -119,11 +121,7 @@ def bench_generate(results: Results, name: str, batch: int, prompt_len: int, new
             results.skip(f"{type(exc).__name__}: {str(exc)[:300]}", system=FLASHFORMER, **where)
         # kept alive while the peers run, like the kernel in bench_decode
 
-    wanted = [p for p in PEERS if p in peers]
-    if any(p in peer_lib.HF_PEERS for p in wanted) and peer_lib.transformers_version() is None:
-        for p in [p for p in wanted if p in peer_lib.HF_PEERS]:
-            results.skip("transformers is not installed", system=peer_lib.SYSTEMS[p], **where)
-        wanted = [p for p in wanted if p not in peer_lib.HF_PEERS]
+    wanted = runnable_peers(results, peers, where)
     hf = None
     try:
         for key in wanted:  # compile, then hf-eager before hf-static (that one compiles forward)
@@ -181,17 +179,13 @@ def format_table(env: dict, rows: list[dict]) -> str:
         f"{'agree':>6}{'vs compile':>11}{'vs HF stat':>11}{'vs HF eager':>12}",
     ]
 
-    def ratio(r: dict, peer: str) -> str:
-        value = r.get("speedup", {}).get(peer)
-        return f"{value:.2f}x" if value else "-"
-
     for r in rows:
         agree = "-" if r["agree"] is None else str(r["agree"])
         lines.append(
             f"{r['shape']:<14}{r['batch']:>3}{r['prompt_len']:>4}+{r['new_tokens']:<4}  "
             f"{r['system']:<30}{r['seconds']:>8.3f}{r['tok_s']:>9.1f}{r['ms_per_token']:>8.2f}"
-            f"{agree:>6}{ratio(r, 'compile'):>11}{ratio(r, 'hf-static'):>11}"
-            f"{ratio(r, 'hf-eager'):>12}"
+            f"{agree:>6}{speedup_text(r, 'compile'):>11}{speedup_text(r, 'hf-static'):>11}"
+            f"{speedup_text(r, 'hf-eager'):>12}"
         )
     return "\n".join(lines)
 

@@ -56,11 +56,15 @@ class Int8WeightOnlyReference(ReferenceModel):
         return out if bias is None else out + bias
 
 
-def kernel_row(config, state, scheme, *, pos: int, bandwidth: float, **tiles: int) -> dict:
+def packed(config, state, scheme: QuantScheme | None):
+    """The bf16 state dict quantized with `scheme` (None: as it is), packed on the GPU."""
     quantized = quantize_state(config.num_layers, state, scheme,
                                tied=config.tie_word_embeddings) if scheme else state
-    weights = pack_weights(config, quantized, dtype=torch.bfloat16, device="cuda")
-    del quantized
+    return pack_weights(config, quantized, dtype=torch.bfloat16, device="cuda")
+
+
+def kernel_row(config, state, scheme, *, pos: int, bandwidth: float, **tiles: int) -> dict:
+    weights = packed(config, state, scheme)
     runtime = decode_runtime(config, weights, batch=1, pos=pos, max_seq_len=pos + 64, **tiles)
     plan = runtime.plan
     log(f"compiling the kernel ({weights.scheme.describe() if weights.scheme else 'bf16'})")

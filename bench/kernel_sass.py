@@ -26,6 +26,7 @@ os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from bench_quant import SCHEMES  # noqa: E402
 from flashformer_triton.kernels import decode  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -35,7 +36,6 @@ from flashformer_triton.plan import GpuSpec, make_plan  # noqa: E402
 from flashformer_triton.quantize import QuantScheme  # noqa: E402
 
 H100 = GpuSpec(name="NVIDIA H100 80GB HBM3", num_sms=132)
-SCHEMES = {"bf16": None, "int8": QuantScheme(8), "int4-g128": QuantScheme(4, 128)}
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 

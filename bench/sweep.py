@@ -18,13 +18,11 @@ from pathlib import Path
 
 import torch
 from bench_decode import copy_bandwidth, decode_runtime, log, time_ms
-from bench_quant import SCHEMES
+from bench_quant import SCHEMES, packed
 
 from flashformer_triton.config import preset
 from flashformer_triton.loading import random_state_dict
 from flashformer_triton.plan import make_plan
-from flashformer_triton.quantize import quantize_state
-from flashformer_triton.weights import pack_weights
 
 
 def parse(config: str) -> dict[str, int]:
@@ -47,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
     results = []
     for scheme_name in args.weights:
-        scheme = SCHEMES[scheme_name]
-        quantized = quantize_state(config.num_layers, state, scheme,
-                                   tied=config.tie_word_embeddings) if scheme else state
-        weights = pack_weights(config, quantized, dtype=torch.bfloat16, device="cuda")
-        del quantized
+        weights = packed(config, state, SCHEMES[scheme_name])
         results += sweep(args, config, weights, scheme_name, bandwidth)
         del weights
         torch.cuda.empty_cache()
