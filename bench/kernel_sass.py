@@ -49,7 +49,8 @@ def pointer_types(scheme: QuantScheme | None, dtype: torch.dtype) -> dict[str, t
                 arena_ptr=codes, scales_ptr=torch.float16, zeros_ptr=torch.uint8, norms_ptr=f32,
                 bias_ptr=f32, embed_ptr=dtype, lm_head_ptr=lm, lm_scales_ptr=torch.float16,
                 lm_zeros_ptr=torch.uint8, inv_freq_ptr=f32, k_cache_ptr=dtype,
-                v_cache_ptr=dtype, h_ptr=f32, q_ptr=f32, attn_ptr=f32, act_ptr=f32,
+                v_cache_ptr=dtype, h_ptr=f32, xn_mlp_ptr=dtype, ss_mlp_ptr=f32,
+                xn_attn_ptr=dtype, ss_attn_ptr=f32, q_ptr=f32, attn_ptr=dtype, act_ptr=dtype,
                 logits_ptr=f32, part_m_ptr=f32, part_l_ptr=f32, part_o_ptr=f32,
                 prof_ptr=torch.int64)
 

@@ -11,7 +11,10 @@ launch (or CUDA-graph replay) starts clean. Spin-waits are bounded: on timeout t
 records itself in the control block, skips its body and every other waiter bails out.
 
 Buffers (fp32 unless noted; B = plan batch):
-  h [B, D] residual stream; q [B, H*HD]; attn [B, H*HD]; act [B, F]; logits [B, V];
+  h [B, D] residual stream; xn_mlp / xn_attn [B, D] (model dtype): h times the weights of the
+  next RMSNorm (input norm / post-attention norm), ss_mlp [B, D/BN_DOWN] / ss_attn
+  [B, D/BN_O]: h's sums of squares per producer tile; q [B, H*HD]; attn [B, H*HD] and
+  act [B, F] (model dtype); logits [B, V];
   part_m/part_l [B, H, NSPLIT], part_o [B, H, NSPLIT, HD] flash-decoding partials;
   k_cache/v_cache [L, B, KVH, S_MAX, HD] (model dtype); ctrl int32 [8]; counters int32.
 Task rows are int32 [op, layer, a, b, c, wait counter, wait target, signal counter, aux
@@ -98,28 +101,47 @@ def _signal(counters_ptr, counter):
 
 
 # ---------------------------------------------------------------- GEMV building blocks
+# A GEMV reads its activations x [B, K] in the model dtype, already multiplied by the RMSNorm
+# weights where a norm comes first: the tasks that write the residual stream publish them
+# (_publish_rows), with per-tile sums of squares for the norm's 1/rms (_inv_rms), applied to
+# the GEMV's output. So the streamed loops only convert, multiply and add.
+#
+# Batch 1 runs on the FMA units, batch > 1 on tensor cores with the weights as the matmul's
+# M operand (x^T is the N operand: the batch, padded to a power of two). There a chunk's
+# columns are cut in KSPLIT blocks (int4: its groups) that form the batch dimension of one
+# 3-D tl.dot: each warp owns a block, so no warp reloads another's weights.
 
 
 @triton.jit
 def _load_w(w_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
-            GROUP: tl.constexpr):
-    """The stored codes of a [rows, BK] chunk of a row-major [?, K] weight matrix (read once:
-    evict first). Model dtype or int8: [BN, BK]. int4 (two columns per byte): the chunk's
-    BK // GROUP groups as [BN, groups, GROUP // 2] bytes, so each group meets its scale by
+            GROUP: tl.constexpr, USE_DOT: tl.constexpr, KSPLIT: tl.constexpr):
+    """The stored codes of the [rows, BK] chunk at column k0 of a row-major [?, K] weight
+    matrix (read once: evict first). Model dtype or int8: [BN, BK], or [KSPLIT, BN, BK/KSPLIT]
+    for tl.dot. int4 (two columns per byte): the chunk's BK/GROUP groups as [BN, groups,
+    GROUP/2] bytes, or [groups, BN, GROUP/2] for tl.dot, so each group meets its scale by
     broadcasting."""
     if WBITS == 4:
         HALF_G: tl.constexpr = GROUP // 2
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
-        byte = grp[None, :, None] * HALF_G + tl.arange(0, HALF_G)[None, None, :]
-        mask = row_mask[:, None, None] & (grp < K // GROUP)[None, :, None]
-        out = tl.load(w_ptr + rows[:, None, None] * (K // 2) + byte, mask=mask, other=0,
-                      eviction_policy="evict_first")
+        byte = tl.arange(0, HALF_G)[None, None, :]
+        gmask = grp < K // GROUP
+        if USE_DOT:
+            offs = rows[None, :, None] * (K // 2) + grp[:, None, None] * HALF_G + byte
+            mask = row_mask[None, :, None] & gmask[:, None, None]
+        else:
+            offs = rows[:, None, None] * (K // 2) + grp[None, :, None] * HALF_G + byte
+            mask = row_mask[:, None, None] & gmask[None, :, None]
+    elif USE_DOT:
+        SUB: tl.constexpr = BK // KSPLIT
+        kk = (k0 + tl.arange(0, KSPLIT)[:, None, None] * SUB
+              + tl.arange(0, SUB)[None, None, :])
+        offs = rows[None, :, None] * K + kk
+        mask = row_mask[None, :, None] & (kk < K)
     else:
         kk = k0 + tl.arange(0, BK)
+        offs = rows[:, None] * K + kk[None, :]
         mask = row_mask[:, None] & (kk[None, :] < K)
-        out = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=mask, other=0,
-                      eviction_policy="evict_first")
-    return out
+    return tl.load(w_ptr + offs, mask=mask, other=0, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -136,31 +158,32 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptr, norm_ptr, cols, K, B: tl.constexpr, BP: tl.constexpr, NORM: tl.constexpr):
-    """Columns `cols` of the activations [BP, len(cols)] (from L2: written by other programs
-    this launch): (x times the matching RMSNorm weights for a fused norm, sum of x^2 over the
-    columns before them, for the norm's 1/rms)."""
-    bidx = tl.arange(0, BP)
-    xmask = (bidx[:, None] < B) & (cols[None, :] < K)
-    x = tl.load(x_ptr + bidx[:, None] * K + cols[None, :], mask=xmask, other=0.0,
-                cache_modifier=".cg")
-    if NORM:
-        sq = tl.sum(x * x, axis=1)
-        x = x * tl.load(norm_ptr + cols, mask=cols < K, other=0.0)[None, :]
-    else:
-        sq = tl.zeros([BP], dtype=tl.float32)
-    return x, sq
+def _load_x(x_ptr, cols, K):
+    """Batch 1: the activations at `cols` (any shape) in fp32 (from L2: written by other
+    programs this launch)."""
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
+    return x.to(tl.float32)
 
 
 @triton.jit
-def _load_x1(x_ptr, norm_ptr, cols, K, NORM: tl.constexpr):
-    """Batch 1: the activations at `cols` (any shape) and x itself for the norm's sum of
-    squares; times the RMSNorm weights for a fused norm."""
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
-    raw = x
-    if NORM:
-        x = x * tl.load(norm_ptr + cols, mask=cols < K, other=0.0)
-    return x, raw
+def _load_xt(x_ptr, seq, cols, K, B: tl.constexpr):
+    """Batch > 1: x[seq, cols] in the model dtype, seq and cols broadcast against each other
+    (x^T: the sequences on an inner axis)."""
+    mask = (cols < K) & (seq < B)
+    return tl.load(x_ptr + seq * K + cols, mask=mask, other=0.0, cache_modifier=".cg")
+
+
+@triton.jit
+def _inv_rms(ss_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
+             PARTS_P: tl.constexpr, EPS: tl.constexpr):
+    """RMSNorm's 1/rms per sequence [BP] from the per-tile sums of squares the producers of
+    h wrote (ss [B, PARTS]); added in a fixed order, so every reader agrees bit for bit."""
+    bidx = tl.arange(0, BP)
+    p = tl.arange(0, PARTS_P)
+    parts = tl.load(ss_ptr + bidx[:, None] * PARTS + p[None, :],
+                    mask=(bidx[:, None] < B) & (p[None, :] < PARTS), other=0.0,
+                    cache_modifier=".cg")
+    return tl.rsqrt(tl.sum(parts, axis=1) / D + EPS)
 
 
 # Small integers to fp32 without the int->float converter (a quarter-rate unit; int4 needs two
@@ -185,19 +208,24 @@ def _int8_to_f32(w):
 
 
 @triton.jit
-def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BN: tl.constexpr, BK: tl.constexpr,
-                GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """A packed int4 chunk [BN, groups, GROUP/2] bytes -> (code - zero) of its low nibbles
-    (even columns) and high nibbles (odd columns) in fp32, and the groups' scales [BN, groups]
-    (the maths of quantize.dequantize)."""
+def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
+                HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
+    """A packed int4 chunk (_load_w's layout) -> (code - zero) of its low nibbles (even
+    columns) and high nibbles (odd columns) in fp32, and the groups' scales, shaped like the
+    chunk's first two dims (the maths of quantize.dequantize)."""
     grp = k0 // GROUP + tl.arange(0, BK // GROUP)
-    smask = row_mask[:, None] & (grp < K // GROUP)[None, :]
-    sidx = rows[:, None] * (K // GROUP) + grp[None, :]
+    gmask = grp < K // GROUP
+    if USE_DOT:
+        sidx = rows[None, :] * (K // GROUP) + grp[:, None]
+        smask = row_mask[None, :] & gmask[:, None]
+    else:
+        sidx = rows[:, None] * (K // GROUP) + grp[None, :]
+        smask = row_mask[:, None] & gmask[None, :]
     scale = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
     if HAS_ZEROS:
         zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)
     else:
-        zero = tl.full([BN, BK // GROUP], 8.0, dtype=tl.float32)
+        zero = tl.zeros_like(scale) + 8.0
     # code + 2^23 - (zero + 2^23) = code - zero, exactly.
     lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
     hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
@@ -205,137 +233,128 @@ def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BN: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
-              B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              NORM: tl.constexpr, DOT_PREC: tl.constexpr, WBITS: tl.constexpr,
-              GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr):
-    """Batch > 1, one streamed chunk on tensor cores: (w dequantized) @ x for columns
-    k0..k0+BK -> [BP, BN] fp32, and the chunk's sum of x^2 per sequence (for RMSNorm).
-    int8: the codes enter the product as they are; the per-row scale is applied once, after
-    the last chunk (_gemv)."""
+def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+              B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+              WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+              CDT: tl.constexpr, KSPLIT: tl.constexpr):
+    """Batch > 1, one streamed chunk on tensor cores: per column block (int4: group) of the
+    chunk, (w dequantized) @ x^T -> [blocks, BN, BP] fp32. int8: the codes enter the product
+    as they are; the per-row scale is applied once, after the last chunk (_gemv)."""
     if WBITS == 4:
-        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BN, BK, GROUP,
-                                    HAS_ZEROS)
-        HALF_K: tl.constexpr = BK // 2
-        even = k0 + 2 * tl.arange(0, HALF_K)
-        xe, sq_e = _load_x(x_ptr, norm_ptr, even, K, B, BP, NORM)
-        xo, sq_o = _load_x(x_ptr, norm_ptr, even + 1, K, B, BP, NORM)
-        lo = tl.reshape(lo * scale[:, :, None], [BN, HALF_K])
-        hi = tl.reshape(hi * scale[:, :, None], [BN, HALF_K])
+        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
+                                    HAS_ZEROS, True)
+        # x^T as [groups, pairs, BP, 2]: split into the even and odd columns.
+        grp = k0 // GROUP + tl.arange(0, BK // GROUP)
+        cols = (grp[:, None, None, None] * GROUP
+                + 2 * tl.arange(0, GROUP // 2)[None, :, None, None]
+                + tl.arange(0, 2)[None, None, None, :])
+        seq = tl.arange(0, BP)[None, None, :, None]
+        xe, xo = tl.split(_load_xt(x_ptr, seq, cols, K, B))
+        lo = lo * scale[:, :, None]
+        hi = hi * scale[:, :, None]
         if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
             lo = lo.to(CDT)
             hi = hi.to(CDT)
-        out = _dot(xe.to(lo.dtype), tl.trans(lo), DOT_PREC)
-        out += _dot(xo.to(hi.dtype), tl.trans(hi), DOT_PREC)
-        sq = sq_e + sq_o
+        out = _dot(lo, xe.to(lo.dtype), DOT_PREC) + _dot(hi, xo.to(hi.dtype), DOT_PREC)
     else:
-        x, sq = _load_x(x_ptr, norm_ptr, k0 + tl.arange(0, BK), K, B, BP, NORM)
+        SUB: tl.constexpr = BK // KSPLIT
+        cols = (k0 + tl.arange(0, KSPLIT)[:, None, None] * SUB
+                + tl.arange(0, SUB)[None, :, None])
+        x = _load_xt(x_ptr, tl.arange(0, BP)[None, None, :], cols, K, B)
         if WBITS == 8:
             # Through fp32: the interpreter converts int8 -> bf16 wrongly.
             w = _int8_to_f32(w).to(CDT)
-        out = _dot(x.to(w.dtype), tl.trans(w), DOT_PREC)
-    return out, sq
+        out = _dot(w, x.to(w.dtype), DOT_PREC)
+    return out
 
 
 @triton.jit
-def _chunk_fma(acc, sq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
-               BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, WBITS: tl.constexpr,
-               GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+def _chunk_fma(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
+               WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
     """Batch 1, one streamed chunk on the FMA units: acc += w * x element by element (acc is
-    shaped like the chunk) and sq += x^2 (shaped like the chunk's x). Nothing is reduced
-    across threads until the tile's last chunk (_gemv): a per-chunk reduction cost more
-    shuffles and shared-memory round trips than the multiply-adds themselves."""
+    shaped like the chunk). Nothing is reduced across threads until the tile's last chunk
+    (_gemv): a per-chunk reduction cost more shuffles and shared-memory round trips than the
+    multiply-adds themselves."""
     if WBITS == 4:
-        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BN, BK, GROUP,
-                                    HAS_ZEROS)
+        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
+                                    HAS_ZEROS, False)
         # x as [groups, pairs, 2]: contiguous loads, split into the even and odd columns.
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
         cols = (grp[:, None, None] * GROUP + 2 * tl.arange(0, GROUP // 2)[None, :, None]
                 + tl.arange(0, 2)[None, None, :])
-        x, raw = _load_x1(x_ptr, norm_ptr, cols, K, NORM)
-        xe, xo = tl.split(x)
+        xe, xo = tl.split(_load_x(x_ptr, cols, K))
         acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * scale[:, :, None]
-        if NORM:
-            sq += tl.sum(raw * raw, axis=2)
     else:
-        x, raw = _load_x1(x_ptr, norm_ptr, k0 + tl.arange(0, BK), K, NORM)
+        x = _load_x(x_ptr, k0 + tl.arange(0, BK), K)
         if WBITS == 8:
             acc += _int8_to_f32(w) * x[None, :]
         else:
             acc += w.to(tl.float32) * x[None, :]
-        if NORM:
-            sq += raw * raw
-    return acc, sq
+    return acc
 
 
 @triton.jit
-def _accumulate(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
-                B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                CDT: tl.constexpr):
-    """Add the chunk of columns k0..k0+BK to the GEMV's accumulators (their shapes: _gemv)."""
+def _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+                B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+                DOT_PREC: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
+                HAS_ZEROS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr):
+    """Add the chunk of columns k0..k0+BK to the GEMV's accumulator (its shapes: _gemv)."""
     if USE_DOT:
-        part, sq = _chunk_mv(w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BN,
-                             BK, NORM, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT)
-        acc += part
-        sumsq += sq
+        acc += _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BK, DOT_PREC,
+                         WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
     else:
-        acc, sumsq = _chunk_fma(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask, K,
-                                k0, BN, BK, NORM, WBITS, GROUP, HAS_ZEROS)
-    return acc, sumsq
+        acc = _chunk_fma(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
+                         HAS_ZEROS)
+    return acc
 
 
 @triton.jit
-def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr, norm_ptr,
+def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-          NORM: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-          STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-          HAS_ZEROS: tl.constexpr, CDT: tl.constexpr):
-    """acc[b, n] = sum_k W[rows[n], k] * x[b, k] (* norm[k]) with the first chunk already
-    loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at z_ptr,
-    indexed like the rows). Also returns sum_k x[b, k]^2 so the caller can apply RMSNorm's
-    1/rms afterwards."""
-    # Accumulators: reduced per chunk on tensor cores ([BP, BN], [BP]); at batch 1 shaped like
-    # the chunk and its x, reduced once after the last chunk (_chunk_fma).
+          USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
+          WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
+          KSPLIT: tl.constexpr):
+    """out[b, n] = sum_k W[rows[n], k] * x[b, k] -> [BP, BN] fp32, with the first chunk
+    already loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at
+    z_ptr, indexed like the rows)."""
+    # The accumulator keeps the chunk's blocks apart (tensor cores: [blocks, BN, BP]; batch 1:
+    # shaped like the chunk) and is reduced once, after the last chunk.
     if USE_DOT:
-        acc = tl.zeros([BP, BN], dtype=tl.float32)
-        sumsq = tl.zeros([BP], dtype=tl.float32)
+        if WBITS == 4:
+            acc = tl.zeros([BK // GROUP, BN, BP], dtype=tl.float32)
+        else:
+            acc = tl.zeros([KSPLIT, BN, BP], dtype=tl.float32)
     elif WBITS == 4:
         acc = tl.zeros([BN, BK // GROUP, GROUP // 2], dtype=tl.float32)
-        sumsq = tl.zeros([BK // GROUP, GROUP // 2], dtype=tl.float32)
     else:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
-        sumsq = tl.zeros([BK], dtype=tl.float32)
-    acc, sumsq = _accumulate(acc, sumsq, w_first, x_ptr, norm_ptr, s_ptr, z_ptr, rows, row_mask,
-                             K, 0, B, BP, BN, BK, NORM, USE_DOT, DOT_PREC, WBITS, GROUP,
-                             HAS_ZEROS, CDT)
+    acc = _accumulate(acc, w_first, x_ptr, s_ptr, z_ptr, rows, row_mask, K, 0, B, BP, BK,
+                      USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(BK, K, BK, num_stages=STAGES):
-            w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP)
-            acc, sumsq = _accumulate(acc, sumsq, w, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
-                                     row_mask, K, k0, B, BP, BN, BK, NORM, USE_DOT, DOT_PREC,
-                                     WBITS, GROUP, HAS_ZEROS, CDT)
+            w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
+            acc = _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BK,
+                              USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
-        w_next = _load_w(w_ptr, rows, row_mask, K, BK, BK, WBITS, GROUP)
+        w_next = _load_w(w_ptr, rows, row_mask, K, BK, BK, WBITS, GROUP, USE_DOT, KSPLIT)
         for k0 in range(BK, K, BK):
             w_cur = w_next
-            w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP)
-            acc, sumsq = _accumulate(acc, sumsq, w_cur, x_ptr, norm_ptr, s_ptr, z_ptr, rows,
-                                     row_mask, K, k0, B, BP, BN, BK, NORM, USE_DOT, DOT_PREC,
-                                     WBITS, GROUP, HAS_ZEROS, CDT)
-    if not USE_DOT:  # the one cross-thread reduction of the tile
-        if WBITS == 4:
-            acc = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
-            sumsq = tl.zeros([BP], dtype=tl.float32) + tl.sum(tl.sum(sumsq, axis=1), axis=0)
-        else:
-            acc = tl.sum(acc, axis=1)[None, :]
-            sumsq = tl.zeros([BP], dtype=tl.float32) + tl.sum(sumsq, axis=0)
+            w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP, USE_DOT,
+                             KSPLIT)
+            acc = _accumulate(acc, w_cur, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP,
+                              BK, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+    # The one cross-thread reduction of the tile.
+    if USE_DOT:
+        out = tl.trans(tl.sum(acc, axis=0))
+    elif WBITS == 4:
+        out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    else:
+        out = tl.sum(acc, axis=1)[None, :]
     if WBITS == 8:
-        acc = acc * tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    return acc, sumsq
+        out = out * tl.load(s_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+    return out
 
 
 @triton.jit
@@ -350,52 +369,66 @@ def _prefetch_l2(w_ptr, rows, row_mask, K, k0, PF_K: tl.constexpr):
 
 
 @triton.jit
-def _add_rows(h_ptr, rows, row_mask, delta, B: tl.constexpr, BP: tl.constexpr,
-              D: tl.constexpr):
-    """Residual: h[b, rows] += delta (each row has exactly one writer per stage)."""
+def _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, row_mask, delta, ADD: tl.constexpr,
+                  B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    """The residual stream h[:, rows] (+)= delta (each row has one writer per stage), and what
+    the readers of the next RMSNorm (weights g) need: xn = h * g in the model dtype and this
+    tile's sum of h^2 per sequence, ss[b, tile]."""
     bidx = tl.arange(0, BP)
-    mask = (bidx[:, None] < B) & row_mask[None, :]
-    ptrs = h_ptr + bidx[:, None] * D + rows[None, :]
-    old = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-    tl.store(ptrs, old + delta, mask=mask)
+    bmask = bidx < B
+    mask = bmask[:, None] & row_mask[None, :]
+    offs = bidx[:, None] * D + rows[None, :]
+    h = delta
+    if ADD:
+        h += tl.load(h_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(h_ptr + offs, h, mask=mask)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    tl.store(xn_ptr + offs, (h * g[None, :]).to(xn_ptr.dtype.element_ty), mask=mask)
+    h = tl.where(mask, h, 0.0)
+    tl.store(ss_ptr + bidx * ((D + BN - 1) // BN) + tile, tl.sum(h * h, axis=1), mask=bmask)
 
 
 # ---------------------------------------------------------------- task bodies
 
 
 @triton.jit
-def _embed(ids_ptr, embed_ptr, h_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr,
-           BK: tl.constexpr):
+def _embed(tile, ids_ptr, embed_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr, B: tl.constexpr,
+           BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    """Rows tile*BN.. of h = the token embeddings (tiled like the down projection, whose
+    outputs the next readers take in the same shape)."""
     bidx = tl.arange(0, BP)
     ids = tl.load(ids_ptr + bidx, mask=bidx < B, other=0).to(tl.int64)
-    for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
-        mask = (bidx[:, None] < B) & (kk[None, :] < D)
-        row = tl.load(embed_ptr + ids[:, None] * D + kk[None, :], mask=mask, other=0.0)
-        tl.store(h_ptr + bidx[:, None] * D + kk[None, :], row.to(tl.float32), mask=mask)
+    rows = tile * BN + tl.arange(0, BN)
+    row_mask = rows < D
+    emb = tl.load(embed_ptr + ids[:, None] * D + rows[None, :],
+                  mask=(bidx[:, None] < B) & row_mask[None, :], other=0.0)
+    _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, row_mask, emb.to(tl.float32), False,
+                  B, BP, D, BN)
 
 
 @triton.jit
 def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, inv_freq_ptr,
-         pos_ptr, h_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+         pos_ptr, xn_ptr, ss_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
          B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
          KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr, EPS: tl.constexpr,
          NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
          USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
          QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-         HAS_ZEROS: tl.constexpr):
+         HAS_ZEROS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
+         PARTS_P: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, then bias, qk-norm, RoPE and the store
-    to q (query heads) or to the KV cache at each sequence's position (key/value heads)."""
+    to q (query heads) or to the KV cache at each sequence's position (key/value heads).
+    xn/ss: the normed input and its sums of squares in PARTS tiles (_publish_rows)."""
     PAIRS: tl.constexpr = BN_QKV // 2
     HALF: tl.constexpr = HD // 2
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
     rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
     row_mask = rows < QKV_ROWS
     nbase = norms_ptr + layer * NORM_STRIDE
-    acc, sumsq = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, w_first, h_ptr, nbase, B, BP,
-                       BN_QKV, BK_QKV, True, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
-                       k_cache_ptr.dtype.element_ty)
-    acc = acc * tl.rsqrt(sumsq / D + EPS)[:, None]
+    acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, w_first, xn_ptr, B, BP, BN_QKV, BK_QKV,
+                USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, k_cache_ptr.dtype.element_ty,
+                KSPLIT)
+    acc = acc * _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
     # Rows come in rotary pairs (d, d + HD/2): split them into the two halves.
@@ -512,29 +545,32 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
                       other=0.0, cache_modifier=".cg")
         acc += o_s * tl.exp(m_s - m_all)[:, None]
     out = acc / tl.where(gmask, denom, 1.0)[:, None]
-    tl.store(attn_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :], out,
-             mask=gmask[:, None])
+    tl.store(attn_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :],
+             out.to(attn_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
 @triton.jit
-def _residual_task(tile, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, norms_ptr, counters_ptr,
-                   ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin, prof_ptr,
-                   B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
-                   PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-                   HAS_ZEROS: tl.constexpr, CDT: tl.constexpr):
-    """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h.
-    The first weight chunk is requested before the wait on the producers of x."""
+def _residual_task(tile, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr,
+                   counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin,
+                   prof_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
+                   DOT_PREC: tl.constexpr, STAGES: tl.constexpr, PF_K: tl.constexpr,
+                   IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr, WBITS: tl.constexpr,
+                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
+                   KSPLIT: tl.constexpr):
+    """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
+    published for the next norm (weights g). The first weight chunk is requested before the
+    wait on the producers of x."""
     rows = tile * BN + tl.arange(0, BN)
-    w0 = _load_w(w_ptr, rows, rows < D, K, 0, BK, WBITS, GROUP)
+    w0 = _load_w(w_ptr, rows, rows < D, K, 0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     if PF_K > 0:
         _prefetch_l2(w_ptr, rows, rows < D, K, BK, PF_K)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-        acc, _ = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, w0, x_ptr, norms_ptr, B, BP, BN,
-                       BK, False, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT)
-        _add_rows(h_ptr, rows, rows < D, acc, B, BP, D)
+        acc = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, w0, x_ptr, B, BP, BN, BK, USE_DOT,
+                    DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+        _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, rows < D, acc, True, B, BP, D,
+                      BN)
         _signal(counters_ptr, signal_ctr)
 
 
@@ -548,7 +584,8 @@ def decode_step_kernel(
     arena_ptr, scales_ptr, zeros_ptr, norms_ptr, bias_ptr, embed_ptr, lm_head_ptr,
     lm_scales_ptr, lm_zeros_ptr, inv_freq_ptr,
     k_cache_ptr, v_cache_ptr,
-    h_ptr, q_ptr, attn_ptr, act_ptr, logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, prof_ptr,
+    h_ptr, xn_mlp_ptr, ss_mlp_ptr, xn_attn_ptr, ss_attn_ptr, q_ptr, attn_ptr, act_ptr,
+    logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, prof_ptr,
     B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
     KVH: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
@@ -562,11 +599,17 @@ def decode_step_kernel(
     BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
     QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
+    KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O_P: tl.constexpr,
+    PARTS_DOWN_P: tl.constexpr,
     IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
     CDT: tl.constexpr = embed_ptr.dtype.element_ty  # the model dtype (tl.dot operands)
+    # h's sums of squares come in one part per O-proj tile (read by gate/up) and per down tile
+    # (read by QKV and the LM head; EMBED is tiled like down).
+    PARTS_O: tl.constexpr = (D + BN_O - 1) // BN_O
+    PARTS_DOWN: tl.constexpr = (D + BN_DOWN - 1) // BN_DOWN
 
     task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)
     while task < n_tasks:
@@ -591,15 +634,17 @@ def decode_step_kernel(
 
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
-            w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP)
+            w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP,
+                             USE_DOT, KSPLIT_QKV)
             if PF_K > 0:
                 _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 _qkv(layer, a, b, w0_qkv, layer_w, layer_s, layer_z, norms_ptr, bias_ptr,
-                     inv_freq_ptr, pos_ptr, h_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H,
-                     KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV, USE_DOT, DOT_PREC,
-                     QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS)
+                     inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, k_cache_ptr,
+                     v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV,
+                     USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS,
+                     KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_ATTN:
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -616,54 +661,55 @@ def decode_step_kernel(
                                 GP, NSPLIT, NSPLIT_P)
                     _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
+            # Publishes h for the post-attention norm of this layer.
             _residual_task(a, layer_w + OFF_O, layer_s + SOFF_O, layer_z + SOFF_O, Q, attn_ptr,
-                           h_ptr, norms_ptr, counters_ptr, ctrl_ptr, wait_ctr, wait_target,
-                           signal_ctr, task, max_spin, prof_ptr, B, BP, D, BN_O, BK, USE_DOT,
-                           DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
-                           HAS_ZEROS, CDT)
+                           h_ptr, xn_attn_ptr, ss_attn_ptr, norms_ptr + layer * NORM_STRIDE + D,
+                           counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr, task,
+                           max_spin, prof_ptr, B, BP, D, BN_O, BK, USE_DOT, DOT_PREC, STAGES,
+                           PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
             f_rows = a * BN_UP + j // 2
             rows_gu = f_rows + (j % 2) * F
             w_gu = layer_w + OFF_GU
-            w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP)
+            w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
             if PF_K > 0:
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                acc_gu, sumsq_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu,
-                                         f_rows < F, D, w0_gu, h_ptr,
-                                         norms_ptr + layer * NORM_STRIDE + D, B, BP, 2 * BN_UP,
-                                         BK, True, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP,
-                                         HAS_ZEROS, CDT)
-                acc_gu = acc_gu * tl.rsqrt(sumsq_gu / D + EPS)[:, None]
+                acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
+                               D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT, DOT_PREC,
+                               STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                acc_gu *= _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
                 b_gu = tl.arange(0, BP)
                 cols_gu = a * BN_UP + tl.arange(0, BN_UP)
-                tl.store(act_ptr + b_gu[:, None] * F + cols_gu[None, :], act,
+                tl.store(act_ptr + b_gu[:, None] * F + cols_gu[None, :],
+                         act.to(act_ptr.dtype.element_ty),
                          mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_DOWN:
+            # Publishes h for the next layer's input norm (after the last: the final norm).
             _residual_task(a, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, layer_z + SOFF_DOWN, F,
-                           act_ptr, h_ptr, norms_ptr, counters_ptr, ctrl_ptr, wait_ctr,
-                           wait_target, signal_ctr, task, max_spin, prof_ptr, B, BP, D, BN_DOWN,
-                           BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS,
-                           GROUP, HAS_ZEROS, CDT)
+                           act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr,
+                           norms_ptr + (layer + 1) * NORM_STRIDE, counters_ptr, ctrl_ptr,
+                           wait_ctr, wait_target, signal_ctr, task, max_spin, prof_ptr, B, BP, D,
+                           BN_DOWN, BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE,
+                           WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
-            w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP)
+            w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP,
+                            USE_DOT, KSPLIT)
             if PF_K > 0:
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                acc_lm, sumsq_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm,
-                                         rows_lm < V, D, w0_lm, h_ptr,
-                                         norms_ptr + L * NORM_STRIDE, B, BP, BN_LM, BK, True,
-                                         USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, HAS_ZEROS,
-                                         CDT)
-                acc_lm = acc_lm * tl.rsqrt(sumsq_lm / D + EPS)[:, None]
+                acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
+                               D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC, STAGES,
+                               LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                acc_lm *= _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
                          mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))
@@ -671,7 +717,8 @@ def decode_step_kernel(
         else:  # OP_EMBED
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                _embed(ids_ptr, embed_ptr, h_ptr, B, BP, D, BK)
+                _embed(a, ids_ptr, embed_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, norms_ptr, B, BP, D,
+                       BN_DOWN)
                 _signal(counters_ptr, signal_ctr)
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import GPU_ORACLE as ORACLE
 from helpers import HAS_CUDA, assert_close
 
 from flashformer_triton.config import preset
@@ -22,9 +23,6 @@ pytestmark = pytest.mark.gpu
 MAX_SEQ = 1024
 SCHEMES = {"int8": QuantScheme(8), "int4-g128": QuantScheme(4, 128),
            "int4-g64-asym": QuantScheme(4, 64, symmetric=False)}
-# Same oracles as test_gpu_shapes: fp32 reference for 1B, bf16 for 8B (which rounds its own
-# activations, hence the looser bound). Batch 1 dequantizes in fp32 inside the kernel.
-ORACLE = {"llama-3.2-1b": (torch.float32, 1e-2), "llama-3.1-8b": (torch.bfloat16, 6e-2)}
 
 
 @pytest.fixture(scope="module", params=[(s, q) for s in ORACLE for q in SCHEMES],

@@ -30,7 +30,9 @@ from flashformer_triton.weights import pack_weights
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Small tiles on the interpreter so every loop runs several chunks; real tiles on the GPU.
 CPU_TILES = dict(block_k=32, qkv_block_k=32, block_s=16, kv_splits=3, lm_rows=64)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+# bf16: the kernel rounds each GEMV's input (normed h, attention and SwiGLU outputs) to bf16,
+# as transformers does, where the oracle keeps fp32 (measured up to 1.2e-2 on the tiny models).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 class Pair:

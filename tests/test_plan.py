@@ -57,7 +57,7 @@ def test_tasks_per_op_match_the_shapes(plan) -> None:
     c, t, B = plan.config, plan.tiles, plan.batch
     per_op = Counter(task.op for task in plan.tasks)
     L = c.num_layers
-    assert per_op[Op.EMBED] == 1
+    assert per_op[Op.EMBED] == -(-c.hidden_size // t.down_rows)
     heads = c.num_heads + 2 * c.num_kv_heads
     assert per_op[Op.QKV] == L * heads * (c.head_dim // t.qkv_rows)
     assert per_op[Op.ATTN] == L * B * c.num_kv_heads * t.kv_splits
