@@ -208,11 +208,71 @@ def _int8_to_f32(w):
 
 
 @triton.jit
-def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
-                HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
-    """A packed int4 chunk (_load_w's layout) -> (code - zero) of its low nibbles (even
-    columns) and high nibbles (odd columns) in fp32, and the groups' scales, shaped like the
-    chunk's first two dims (the maths of quantize.dequantize)."""
+def _int8_to_f16(w):
+    """int8 codes -> fp16 on tensor-core paths, four per 32-bit word in five instructions
+    (Triton's own conversion takes about four per code): XOR 0x80 gives w + 128 per byte, two
+    byte permutes put each byte under the fp16 exponent of 1024 (1024 + w + 128, exact) and
+    two packed subtractions of 1152 leave w. GPU only (inline PTX)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, 0x64646464, 0x4140;
+        prmt.b32 $1, t, 0x64646464, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
+
+
+# Packed int4 bytes -> low and high nibbles as fp16, four bytes per 32-bit word in ten
+# instructions: two byte permutes spread the bytes over the two halves of a word, a mask puts
+# each nibble under the fp16 exponent of 1024 and one packed subtract (low nibble) or
+# multiply-add by 1/16 (high nibble, 4 bits up) leaves the code minus an offset, exactly.
+_INT4_F16_ASM = """{
+        .reg .b32 u, v, m, s, c, off, z;
+        mov.b32 m, 0x64006400;
+        mov.b32 off, OFF_LO;
+        mov.b32 s, 0x2C002C00;
+        mov.b32 c, OFF_HI;
+        mov.b32 z, 0;
+        prmt.b32 u, $4, z, 0x4140;
+        prmt.b32 v, $4, z, 0x4342;
+        lop3.b32 $0, u, 0x000F000F, m, 0xEA;
+        lop3.b32 $1, v, 0x000F000F, m, 0xEA;
+        lop3.b32 $2, u, 0x00F000F0, m, 0xEA;
+        lop3.b32 $3, v, 0x00F000F0, m, 0xEA;
+        sub.f16x2 $0, $0, off;
+        sub.f16x2 $1, $1, off;
+        fma.rn.f16x2 $2, $2, s, c;
+        fma.rn.f16x2 $3, $3, s, c;
+        }"""
+# Offsets: 0 (1024 and -64 in fp16) or the symmetric scheme's 8 (1032 and -72).
+INT4_F16_CODES = tl.constexpr(_INT4_F16_ASM.replace("OFF_LO", "0x64006400")
+                              .replace("OFF_HI", "0xD400D400"))
+INT4_F16_SIGNED = tl.constexpr(_INT4_F16_ASM.replace("OFF_LO", "0x64086408")
+                               .replace("OFF_HI", "0xD480D480"))
+
+
+@triton.jit
+def _int4_to_f16(w, SIGNED: tl.constexpr):
+    """Packed int4 bytes -> (low, high) nibble codes in fp16, minus 8 when SIGNED (the
+    symmetric scheme's fixed zero point). GPU only (inline PTX)."""
+    if SIGNED:
+        out = tl.inline_asm_elementwise(INT4_F16_SIGNED, "=r,=r,=r,=r,r", [w],
+                                        dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        out = tl.inline_asm_elementwise(INT4_F16_CODES, "=r,=r,=r,=r,r", [w],
+                                        dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return out
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
+                  HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
+    """The scales and zero points (fp32) of an int4 chunk's groups, shaped like the chunk's
+    first two dims (_load_w's layout)."""
     grp = k0 // GROUP + tl.arange(0, BK // GROUP)
     gmask = grp < K // GROUP
     if USE_DOT:
@@ -226,6 +286,17 @@ def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP:
         zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)
     else:
         zero = tl.zeros_like(scale) + 8.0
+    return scale, zero
+
+
+@triton.jit
+def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
+                HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
+    """A packed int4 chunk (_load_w's layout) -> (code - zero) of its low nibbles (even
+    columns) and high nibbles (odd columns) in fp32, and the groups' scales, shaped like the
+    chunk's first two dims (the maths of quantize.dequantize)."""
+    scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, HAS_ZEROS,
+                                USE_DOT)
     # code + 2^23 - (zero + 2^23) = code - zero, exactly.
     lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
     hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
@@ -236,13 +307,12 @@ def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP:
 def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
               B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
               WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-              CDT: tl.constexpr, KSPLIT: tl.constexpr):
-    """Batch > 1, one streamed chunk on tensor cores: per column block (int4: group) of the
-    chunk, (w dequantized) @ x^T -> [blocks, BN, BP] fp32. int8: the codes enter the product
-    as they are; the per-row scale is applied once, after the last chunk (_gemv)."""
+              CDT: tl.constexpr, KSPLIT: tl.constexpr, PTX: tl.constexpr):
+    """One streamed chunk on tensor cores: per column block (int4: group) of the chunk,
+    (w dequantized) @ x^T -> [blocks, BN, BP] fp32. int8: the codes enter the product as they
+    are (in fp16 on the GPU, exact, with x in fp16 too); the per-row scale is applied once,
+    after the last chunk (_gemv)."""
     if WBITS == 4:
-        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
-                                    HAS_ZEROS, True)
         # x^T as [groups, pairs, BP, 2]: split into the even and odd columns.
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
         cols = (grp[:, None, None, None] * GROUP
@@ -250,11 +320,27 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
                 + tl.arange(0, 2)[None, None, None, :])
         seq = tl.arange(0, BP)[None, None, :, None]
         xe, xo = tl.split(_load_xt(x_ptr, seq, cols, K, B))
-        lo = lo * scale[:, :, None]
-        hi = hi * scale[:, :, None]
-        if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
-            lo = lo.to(CDT)
-            hi = hi.to(CDT)
+        if PTX and tl.float32 != CDT:
+            # fp16 operands (finer than bf16): code * scale - zero * scale, one rounding.
+            lo, hi = _int4_to_f16(w, not HAS_ZEROS)
+            scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
+                                        HAS_ZEROS, True)
+            scale16 = scale.to(tl.float16)[:, :, None]
+            if HAS_ZEROS:
+                zs = (zero * scale).to(tl.float16)[:, :, None]
+                lo = tl.fma(lo, scale16, -zs)
+                hi = tl.fma(hi, scale16, -zs)
+            else:
+                lo = lo * scale16
+                hi = hi * scale16
+        else:
+            lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
+                                        HAS_ZEROS, True)
+            lo = lo * scale[:, :, None]
+            hi = hi * scale[:, :, None]
+            if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
+                lo = lo.to(CDT)
+                hi = hi.to(CDT)
         out = _dot(lo, xe.to(lo.dtype), DOT_PREC) + _dot(hi, xo.to(hi.dtype), DOT_PREC)
     else:
         SUB: tl.constexpr = BK // KSPLIT
@@ -262,8 +348,10 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
                 + tl.arange(0, SUB)[None, :, None])
         x = _load_xt(x_ptr, tl.arange(0, BP)[None, None, :], cols, K, B)
         if WBITS == 8:
-            # Through fp32: the interpreter converts int8 -> bf16 wrongly.
-            w = _int8_to_f32(w).to(CDT)
+            if PTX and tl.float32 != CDT:
+                w = _int8_to_f16(w)
+            else:  # through fp32: the interpreter converts int8 -> bf16 wrongly
+                w = _int8_to_f32(w).to(CDT)
         out = _dot(w, x.to(w.dtype), DOT_PREC)
     return out
 
@@ -297,11 +385,12 @@ def _chunk_fma(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.conste
 def _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
                 B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
                 DOT_PREC: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-                HAS_ZEROS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr):
+                HAS_ZEROS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
+                PTX: tl.constexpr):
     """Add the chunk of columns k0..k0+BK to the GEMV's accumulator (its shapes: _gemv)."""
     if USE_DOT:
         acc += _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BK, DOT_PREC,
-                         WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                         WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     else:
         acc = _chunk_fma(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
                          HAS_ZEROS)
@@ -313,7 +402,7 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
           WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
-          KSPLIT: tl.constexpr):
+          KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """out[b, n] = sum_k W[rows[n], k] * x[b, k] -> [BP, BN] fp32, with the first chunk
     already loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at
     z_ptr, indexed like the rows)."""
@@ -329,13 +418,13 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr,
     else:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
     acc = _accumulate(acc, w_first, x_ptr, s_ptr, z_ptr, rows, row_mask, K, 0, B, BP, BK,
-                      USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                      USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(BK, K, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
             acc = _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BK,
-                              USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                              USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
         w_next = _load_w(w_ptr, rows, row_mask, K, BK, BK, WBITS, GROUP, USE_DOT, KSPLIT)
@@ -344,7 +433,7 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr,
             w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP, USE_DOT,
                              KSPLIT)
             acc = _accumulate(acc, w_cur, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP,
-                              BK, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                              BK, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     # The one cross-thread reduction of the tile.
     if USE_DOT:
         out = tl.trans(tl.sum(acc, axis=0))
@@ -415,7 +504,7 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
          USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
          QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
          HAS_ZEROS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
-         PARTS_P: tl.constexpr):
+         PARTS_P: tl.constexpr, PTX: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, then bias, qk-norm, RoPE and the store
     to q (query heads) or to the KV cache at each sequence's position (key/value heads).
     xn/ss: the normed input and its sums of squares in PARTS tiles (_publish_rows)."""
@@ -427,7 +516,7 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     nbase = norms_ptr + layer * NORM_STRIDE
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, w_first, xn_ptr, B, BP, BN_QKV, BK_QKV,
                 USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, k_cache_ptr.dtype.element_ty,
-                KSPLIT)
+                KSPLIT, PTX)
     acc = acc * _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
@@ -557,7 +646,7 @@ def _residual_task(tile, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, g
                    DOT_PREC: tl.constexpr, STAGES: tl.constexpr, PF_K: tl.constexpr,
                    IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr, WBITS: tl.constexpr,
                    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
-                   KSPLIT: tl.constexpr):
+                   KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g). The first weight chunk is requested before the
     wait on the producers of x."""
@@ -568,7 +657,7 @@ def _residual_task(tile, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, g
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, w0, x_ptr, B, BP, BN, BK, USE_DOT,
-                    DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                    DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
         _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, rows < D, acc, True, B, BP, D,
                       BN)
         _signal(counters_ptr, signal_ctr)
@@ -601,7 +690,7 @@ def decode_step_kernel(
     QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
     KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O_P: tl.constexpr,
     PARTS_DOWN_P: tl.constexpr,
-    IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
+    PTX: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -644,7 +733,7 @@ def decode_step_kernel(
                      inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, k_cache_ptr,
                      v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV,
                      USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS,
-                     KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P)
+                     KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_ATTN:
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -666,7 +755,7 @@ def decode_step_kernel(
                            h_ptr, xn_attn_ptr, ss_attn_ptr, norms_ptr + layer * NORM_STRIDE + D,
                            counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr, task,
                            max_spin, prof_ptr, B, BP, D, BN_O, BK, USE_DOT, DOT_PREC, STAGES,
-                           PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                           PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -680,7 +769,7 @@ def decode_step_kernel(
                      IGNORE_DEPS, PROFILE):
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
                                D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT, DOT_PREC,
-                               STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                               STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
                 acc_gu *= _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
@@ -697,7 +786,7 @@ def decode_step_kernel(
                            norms_ptr + (layer + 1) * NORM_STRIDE, counters_ptr, ctrl_ptr,
                            wait_ctr, wait_target, signal_ctr, task, max_spin, prof_ptr, B, BP, D,
                            BN_DOWN, BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE,
-                           WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                           WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP,
@@ -708,7 +797,7 @@ def decode_step_kernel(
                      IGNORE_DEPS, PROFILE):
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
                                D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC, STAGES,
-                               LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT)
+                               LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
                 acc_lm *= _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,

@@ -184,9 +184,50 @@ def test_plan_byte_count_for_8b_int4() -> None:
     assert plan.weight_bytes() == weights // 2 + weights // 128 * 2
 
 
+@pytest.mark.parametrize(("scheme", "batch", "tensor_cores"), [
+    (QuantScheme(8), 1, 1), (QuantScheme(4, 128), 1, 1), (QuantScheme(4, 32), 1, 0),
+    (QuantScheme(4, 64, symmetric=False), 1, 0), (QuantScheme(4, 32), 2, 1), (None, 1, 0)])
+def test_plan_puts_quantized_gemvs_on_tensor_cores(scheme, batch: int, tensor_cores: int) -> None:
+    """Quantized batch 1 runs on tensor cores (fp16 converters), except int4 groups under 128,
+    which are refused there (wrong results with triton 3.6)."""
+    config = preset("llama-3.2-1b")
+    plan = make_plan(config, batch=batch, max_seq_len=256, quant=scheme)
+    assert plan.use_dot == bool(tensor_cores or batch > 1)
+    if scheme and scheme.bits == 4 and batch == 1 and not tensor_cores:
+        with pytest.raises(ValueError, match="tensor_cores=1 is not supported"):
+            make_plan(config, batch=1, max_seq_len=256, quant=scheme, tensor_cores=1)
+
+
 # ---------------------------------------------------------------- the kernel
 
 BATCHES = {"b1": [5], "b3-ragged": [3, 9, 1]}
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="inline PTX: GPU only")
+@pytest.mark.parametrize("signed", [False, True])
+def test_ptx_code_converters_are_exact_for_every_byte(signed: bool) -> None:
+    """The tensor-core paths' int8 -> fp16 and packed int4 -> fp16 converters, on all 256
+    byte values, against torch."""
+    import triton
+    import triton.language as tl
+    from flashformer_triton.kernels import decode
+
+    @triton.jit
+    def convert(src, lo_out, hi_out, i8_out, SIGNED: tl.constexpr):
+        idx = tl.arange(0, 256)
+        byte = tl.load(src + idx)
+        lo, hi = decode._int4_to_f16(byte, SIGNED)
+        tl.store(lo_out + idx, lo)
+        tl.store(hi_out + idx, hi)
+        tl.store(i8_out + idx, decode._int8_to_f16(byte.to(tl.int8, bitcast=True)))
+
+    codes = torch.arange(256, dtype=torch.uint8, device="cuda")
+    lo, hi, i8 = (torch.empty(256, dtype=torch.float16, device="cuda") for _ in range(3))
+    convert[(1,)](codes, lo, hi, i8, SIGNED=signed)
+    offset = 8 if signed else 0
+    assert torch.equal(lo, ((codes & 15).float() - offset).half())
+    assert torch.equal(hi, ((codes >> 4).float() - offset).half())
+    assert torch.equal(i8, codes.view(torch.int8).half())
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -89,6 +89,7 @@ class Tiles:
     pipeline_stages: int = 3  # 0: hand double-buffering; >= 2: Triton's pipeliner, that deep
     ignore_deps: int = 0  # benchmark diagnostic ONLY: skip every wait (results are garbage)
     profile: int = 0  # record a per-task timeline (GPU only; see flashformer_triton.profile)
+    tensor_cores: int = 0  # 1: GEMVs on tensor cores at batch 1 too (batch > 1 always is)
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,17 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     splits = max(1, min(per_program, max_seq_len // 256, 64))
     splits = 1 << int(math.log2(splits))
 
+    # Quantized weights on tensor cores at batch 1 too: their fp16 operands take int8 codes in
+    # 1.25 instructions each and int4 in 2 (kernels/decode.py _int8_to_f16, _int4_to_f16)
+    # where the FMA path needs about 4 and 8 (8B: int8 3.72 -> 3.62 ms, int4 4.45 -> 3.10).
+    tensor_cores = int(quant is not None and _tensor_cores_ok(quant, batch))
+
     def rows_for(n: int, choices: tuple[int, ...] = (16, 8)) -> int:
         # A stage's last round of tasks leaves programs idle until the next stage may start:
         # take the row count whose last round is fullest. Batch > 1 needs 16 rows (tl.dot).
         # On an H100 this picked the faster of 16/8 rows in all 6 stage shapes measured
         # (1B O-proj/down and QKV, 8B QKV, gate/up and O-proj/down; bench/NOTES.md).
-        if batch > 1:
+        if batch > 1 or tensor_cores:
             return 16
 
         def idle(rows: int) -> float:
@@ -162,6 +168,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
     o_rows = 32 if batch > 8 and d // 32 >= gpu.num_sms * 0.9 else rows_for(d)  # ~ a task per SM
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
+                 tensor_cores=tensor_cores,
                  o_rows=o_rows, down_rows=o_rows, gate_up_rows=rows_for(f),
                  lm_rows=lm_rows, block_k=block_k, pipeline_stages=stages)
 
@@ -199,7 +206,7 @@ class Plan:
     def use_dot(self) -> bool:
         """Batch > 1 runs the GEMVs as small matmuls on tensor cores (weights as the M operand,
         the batch padded to a power of two as N)."""
-        return self.batch > 1
+        return self.batch > 1 or bool(self.tiles.tensor_cores)
 
     @property
     def batch_pad(self) -> int:
@@ -273,6 +280,7 @@ class Plan:
             "QK_NORM": c.qk_norm,
             # Inline PTX cannot run in the interpreter; the hint changes no result.
             "PF_K": t.l2_prefetch_k if self.gpu.num_sms > 1 and not quant else 0,
+            "PTX": self.gpu.num_sms > 1,  # inline PTX helpers (a GPU, not the interpreter)
             "STAGES": t.pipeline_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
             "PROFILE": bool(t.profile),
@@ -355,7 +363,7 @@ def make_plan(
     tiles = replace(tiles, **tile_overrides)
     _check_tiles(config, tiles, batch)
     if quant:
-        _check_quant(config, tiles, quant)
+        _check_quant(config, tiles, quant, batch)
 
     c, t = config, tiles
     d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
@@ -463,7 +471,7 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
             raise ValueError(f"tile {name}={value} must be a power of two >= {low}")
 
     # Batch > 1 runs the row tiles through tl.dot: at least one 16-row MMA tile.
-    min_rows = 16 if batch > 1 else 2
+    min_rows = 16 if batch > 1 or t.tensor_cores else 2
     for name in ("o_rows", "gate_up_rows", "down_rows", "lm_rows"):
         pow2(name, getattr(t, name), min_rows)
     for name in ("block_k", "qkv_block_k", "block_s"):
@@ -479,8 +487,20 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         raise ValueError(f"kv_splits={t.kv_splits} must be >= 1")
 
 
-def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme) -> None:
+def _tensor_cores_ok(quant: QuantScheme, batch: int) -> bool:
+    """int4 groups of 32 or 64 at batch 1 on tensor cores gave wrong logits with triton 3.6 on
+    an H100 (tests/test_quantize.py, test_gpu_quant.py; right at batch 3 and with groups of
+    128): those stay on the FMA path."""
+    return batch > 1 or quant.bits == 8 or (quant.group_size or 0) >= 128
+
+
+def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme, batch: int) -> None:
     check_quantizable(config, quant)
+    if t.tensor_cores and not _tensor_cores_ok(quant, batch):
+        raise ValueError(
+            f"tensor_cores=1 is not supported for {quant.describe()} at batch 1 (int4 groups "
+            f"under 128 compute wrong results there); leave tensor_cores at 0"
+        )
     if quant.group_size:
         for name in ("block_k", "qkv_block_k"):
             if getattr(t, name) < quant.group_size:
