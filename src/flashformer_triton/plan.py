@@ -361,9 +361,9 @@ def make_plan(
         if gpu.num_sms > 1 and quant is None:  # what `flashformer-triton autotune` stored
             tiles = _with_tuned(tiles, config, batch, dtype, gpu)
     tiles = replace(tiles, **tile_overrides)
-    _check_tiles(config, tiles, batch)
     if quant:
         _check_quant(config, tiles, quant, batch)
+    _check_tiles(config, tiles, batch)
 
     c, t = config, tiles
     d, f, hd = c.hidden_size, c.intermediate_size, c.head_dim
