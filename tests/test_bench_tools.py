@@ -248,7 +248,8 @@ def test_kernel_sass_reads_the_loops_of_the_compiled_kernel() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     head, *loops = run.stdout.strip().splitlines()
     assert re.search(r"Used \d+ registers", head), head
-    # An int8 GEMV loop: multiply-adds and the XOR of the 2^23 trick, no int->float converter.
-    gemv = [line for line in loops if "FFMA" in line and "LOP3" in line]
+    # An int8 GEMV loop on tensor cores: the fp16 converter's byte permutes and packed
+    # subtracts (kernels/decode.py _int8_to_f16), no int->float converter.
+    gemv = [line for line in loops if "HADD2" in line and "PRMT" in line]
     assert gemv, run.stdout
     assert all("I2F" not in line for line in gemv), run.stdout
