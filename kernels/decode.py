@@ -106,8 +106,9 @@ def _signal(counters_ptr, counter):
 # (_publish_rows), with per-tile sums of squares for the norm's 1/rms (_inv_rms), applied to
 # the GEMV's output. So the streamed loops only convert, multiply and add.
 #
-# Batch 1 runs on the FMA units, batch > 1 on tensor cores with the weights as the matmul's
-# M operand (x^T is the N operand: the batch, padded to a power of two). There a chunk's
+# Batch 1 runs on the FMA units, batch > 1 (and quantized weights at batch 1, plan tile
+# tensor_cores) on tensor cores with the weights as the matmul's M operand (x^T is the N
+# operand: the batch, padded to a power of two). There a chunk's
 # columns are cut in KSPLIT blocks (int4: its groups) that form the batch dimension of one
 # 3-D tl.dot: each warp owns a block, so no warp reloads another's weights.
 
@@ -312,6 +313,9 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
     (w dequantized) @ x^T -> [blocks, BN, BP] fp32. int8: the codes enter the product as they
     are (in fp16 on the GPU, exact, with x in fp16 too); the per-row scale is applied once,
     after the last chunk (_gemv)."""
+    # Quantized codes become fp16 operands through the inline-PTX converters (not in the
+    # interpreter, nor for fp32 models, whose operands stay fp32).
+    F16_CODES: tl.constexpr = PTX and tl.float32 != CDT
     if WBITS == 4:
         # x^T as [groups, pairs, BP, 2]: split into the even and odd columns.
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
@@ -320,7 +324,7 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
                 + tl.arange(0, 2)[None, None, None, :])
         seq = tl.arange(0, BP)[None, None, :, None]
         xe, xo = tl.split(_load_xt(x_ptr, seq, cols, K, B))
-        if PTX and tl.float32 != CDT:
+        if F16_CODES:
             # fp16 operands (finer than bf16): code * scale - zero * scale, one rounding.
             lo, hi = _int4_to_f16(w, not HAS_ZEROS)
             scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
@@ -348,7 +352,7 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
                 + tl.arange(0, SUB)[None, :, None])
         x = _load_xt(x_ptr, tl.arange(0, BP)[None, None, :], cols, K, B)
         if WBITS == 8:
-            if PTX and tl.float32 != CDT:
+            if F16_CODES:
                 w = _int8_to_f16(w)
             else:  # through fp32: the interpreter converts int8 -> bf16 wrongly
                 w = _int8_to_f32(w).to(CDT)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import FAMILIES, HAS_CUDA, assert_close, build_hf_model
 from safetensors.torch import save_file
-from test_kernel import _pair, _run_and_compare
+from test_kernel import BATCHES, _pair, _run_and_compare
 from test_quant_formats import encode_awq, encode_gptq
 
 from flashformer_triton import FlashFormer, UnsupportedModelError
@@ -199,8 +199,6 @@ def test_plan_puts_quantized_gemvs_on_tensor_cores(scheme, batch: int, tensor_co
 
 
 # ---------------------------------------------------------------- the kernel
-
-BATCHES = {"b1": [5], "b3-ragged": [3, 9, 1]}
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="inline PTX: GPU only")

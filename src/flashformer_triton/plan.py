@@ -204,8 +204,8 @@ class Plan:
 
     @property
     def use_dot(self) -> bool:
-        """Batch > 1 runs the GEMVs as small matmuls on tensor cores (weights as the M operand,
-        the batch padded to a power of two as N)."""
+        """Batch > 1, and batch 1 with the `tensor_cores` tile, runs the GEMVs as small matmuls
+        on tensor cores (weights as the M operand, the batch padded to a power of two as N)."""
         return self.batch > 1 or bool(self.tiles.tensor_cores)
 
     @property
@@ -228,6 +228,8 @@ class Plan:
     def constexprs(self) -> dict[str, object]:
         """Compile-time specialisation of the kernel for this model and plan."""
         c, t, quant = self.config, self.tiles, self.quant
+        parts_o, parts_down = self.norm_parts()
+        ptx = self.gpu.num_sms > 1  # inline PTX runs on a GPU, not in the interpreter
         arena, norms = ArenaLayout.of(c, quant), NormLayout.of(c)
         scales = ScaleLayout.of(c, quant) if quant else ArenaLayout(0, 0, 0, 0, 0)
         return {
@@ -273,14 +275,13 @@ class Plan:
             "KSPLIT": self.dot_ksplit(min(t.o_rows, t.down_rows, 2 * t.gate_up_rows,
                                           t.lm_rows), t.block_k),
             "KSPLIT_QKV": self.dot_ksplit(t.qkv_rows, t.qkv_block_k),
-            "PARTS_O_P": _pow2(self.norm_parts()[0]),
-            "PARTS_DOWN_P": _pow2(self.norm_parts()[1]),
+            "PARTS_O_P": _pow2(parts_o),
+            "PARTS_DOWN_P": _pow2(parts_down),
             "DOT_PREC": "ieee" if self.dtype == torch.float32 else "tf32",
             "QKV_BIAS": c.qkv_bias,
             "QK_NORM": c.qk_norm,
-            # Inline PTX cannot run in the interpreter; the hint changes no result.
-            "PF_K": t.l2_prefetch_k if self.gpu.num_sms > 1 and not quant else 0,
-            "PTX": self.gpu.num_sms > 1,  # inline PTX helpers (a GPU, not the interpreter)
+            "PF_K": t.l2_prefetch_k if ptx and not quant else 0,  # (a hint: same results)
+            "PTX": ptx,
             "STAGES": t.pipeline_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
             "PROFILE": bool(t.profile),
@@ -470,7 +471,8 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         if value < low or value & (value - 1):
             raise ValueError(f"tile {name}={value} must be a power of two >= {low}")
 
-    # Batch > 1 runs the row tiles through tl.dot: at least one 16-row MMA tile.
+    # Tensor cores (batch > 1, or the tile) run the row tiles through tl.dot: at least one
+    # 16-row MMA tile.
     min_rows = 16 if batch > 1 or t.tensor_cores else 2
     for name in ("o_rows", "gate_up_rows", "down_rows", "lm_rows"):
         pow2(name, getattr(t, name), min_rows)
