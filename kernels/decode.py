@@ -11,10 +11,12 @@ launch (or CUDA-graph replay) starts clean. Spin-waits are bounded: on timeout t
 records itself in the control block, skips its body and every other waiter bails out.
 
 Buffers (fp32 unless noted; B = plan batch):
-  h [B, D] residual stream; xn_mlp / xn_attn [B, D] (model dtype): h times the weights of the
+  h [B, D] residual stream; xn_mlp / xn_attn [B, D]: h times the weights of the
   next RMSNorm (input norm / post-attention norm), ss_mlp [B, D/BN_DOWN] / ss_attn
-  [B, D/BN_O]: h's sums of squares per producer tile; q [B, H*HD]; attn [B, H*HD] and
-  act [B, F] (model dtype); logits [B, V];
+  [B, D/BN_O]: h's sums of squares per producer tile; q [B, H*HD]; qk_raw [B, (H+KVH)*HD]
+  query and key rows before the qk-norm (Qwen3); attn [B, H*HD] and act [B, F]; logits
+  [B, V]. xn, attn and act, the GEMVs' inputs, are in the plan's activation dtype (the model
+  dtype, or fp16 for quantized bf16 models);
   part_m/part_l [B, H, NSPLIT], part_o [B, H, NSPLIT, HD] flash-decoding partials;
   k_cache/v_cache [L, B, KVH, S_MAX, HD] (model dtype); ctrl int32 [8]; counters int32.
 Task rows are int32 [op, layer, a, b, c, wait counter, wait target, signal counter, aux
@@ -314,8 +316,10 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
     are (in fp16 on the GPU, exact, with x in fp16 too); the per-row scale is applied once,
     after the last chunk (_gemv)."""
     # Quantized codes become fp16 operands through the inline-PTX converters (not in the
-    # interpreter, nor for fp32 models, whose operands stay fp32).
+    # interpreter, nor for fp32 models, whose operands stay fp32). x comes in fp16 already
+    # when the plan stores activations so (tile fp16_activations), else it is converted here.
     F16_CODES: tl.constexpr = PTX and tl.float32 != CDT
+    XDT: tl.constexpr = x_ptr.dtype.element_ty
     if WBITS == 4:
         # x^T as [groups, pairs, BP, 2]: split into the even and odd columns.
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
@@ -343,8 +347,8 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
             lo = lo * scale[:, :, None]
             hi = hi * scale[:, :, None]
             if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
-                lo = lo.to(CDT)
-                hi = hi.to(CDT)
+                lo = lo.to(XDT)
+                hi = hi.to(XDT)
         out = _dot(lo, xe.to(lo.dtype), DOT_PREC) + _dot(hi, xo.to(hi.dtype), DOT_PREC)
     else:
         SUB: tl.constexpr = BK // KSPLIT
@@ -355,7 +359,7 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
             if F16_CODES:
                 w = _int8_to_f16(w)
             else:  # through fp32: the interpreter converts int8 -> bf16 wrongly
-                w = _int8_to_f32(w).to(CDT)
+                w = _int8_to_f32(w).to(XDT)
         out = _dot(w, x.to(w.dtype), DOT_PREC)
     return out
 
@@ -501,7 +505,8 @@ def _embed(tile, ids_ptr, embed_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr, B: tl.constex
 
 @triton.jit
 def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, inv_freq_ptr,
-         pos_ptr, xn_ptr, ss_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+         pos_ptr, xn_ptr, ss_ptr, q_ptr, qk_raw_ptr, k_cache_ptr, v_cache_ptr, counters_ptr,
+         signal_ctr, arrive_ctr,
          B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
          KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr, EPS: tl.constexpr,
          NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
@@ -509,33 +514,66 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
          QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
          HAS_ZEROS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
          PARTS_P: tl.constexpr, PTX: tl.constexpr):
-    """RMSNorm + BN_QKV pair-ordered rows of one head, then bias, qk-norm, RoPE and the store
-    to q (query heads) or to the KV cache at each sequence's position (key/value heads).
-    xn/ss: the normed input and its sums of squares in PARTS tiles (_publish_rows)."""
-    PAIRS: tl.constexpr = BN_QKV // 2
-    HALF: tl.constexpr = HD // 2
+    """RMSNorm + BN_QKV pair-ordered rows of one head, bias, then (_finish_head) RoPE and the
+    store to q (query heads) or to the KV cache (key/value heads), and the signal.
+    xn/ss: the normed input and its sums of squares in PARTS tiles (_publish_rows).
+
+    Qwen3's qk-norm spans a whole query or key head: each chunk leaves its raw rows in qk_raw
+    and arrives on the head's counter; the chunk that arrives last (acquiring the others'
+    rows, as the attention merge does) norms, rotates and stores the whole head."""
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
+    QK_ROWS: tl.constexpr = (H + KVH) * HD  # query and key rows: qk_raw's width
     rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
     row_mask = rows < QKV_ROWS
-    nbase = norms_ptr + layer * NORM_STRIDE
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, w_first, xn_ptr, B, BP, BN_QKV, BK_QKV,
                 USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, k_cache_ptr.dtype.element_ty,
                 KSPLIT, PTX)
     acc = acc * _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
-    # Rows come in rotary pairs (d, d + HD/2): split them into the two halves.
-    x1, x2 = tl.split(tl.reshape(acc, [BP, PAIRS, 2]))
-    dims = chunk * PAIRS + tl.arange(0, PAIRS)
+    bidx = tl.arange(0, BP)
+    if QK_NORM:
+        normed_head = head < H + KVH  # query or key head (value heads have no qk-norm)
+    else:
+        normed_head = head < 0
+    if normed_head:
+        tl.store(qk_raw_ptr + bidx[:, None] * QK_ROWS + rows[None, :], acc,
+                 mask=(bidx < B)[:, None])
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counters_ptr + arrive_ctr, 1, sem="acq_rel", scope="gpu")
+        if arrived == HD // BN_QKV - 1:
+            head_rows = head * HD + tl.arange(0, HD)
+            whole = tl.load(qk_raw_ptr + bidx[:, None] * QK_ROWS + head_rows[None, :],
+                            mask=(bidx < B)[:, None], other=0.0, cache_modifier=".cg")
+            _finish_head(layer, head, whole, tl.arange(0, HD // 2), norms_ptr, inv_freq_ptr,
+                         pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX,
+                         EPS, NORM_STRIDE, True)
+            _signal(counters_ptr, signal_ctr)
+    else:
+        dims = chunk * (BN_QKV // 2) + tl.arange(0, BN_QKV // 2)
+        _finish_head(layer, head, acc, dims, norms_ptr, inv_freq_ptr, pos_ptr, q_ptr,
+                     k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE,
+                     False)
+        _signal(counters_ptr, signal_ctr)
+
+
+@triton.jit
+def _finish_head(layer, head, x, dims, norms_ptr, inv_freq_ptr, pos_ptr, q_ptr, k_cache_ptr,
+                 v_cache_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr,
+                 H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr,
+                 EPS: tl.constexpr, NORM_STRIDE: tl.constexpr, QK_NORM: tl.constexpr):
+    """Rows x [BP, 2 * len(dims)] of one head in rotary pairs (dims[i], HD/2 + dims[i]): the
+    qk-norm (QK_NORM: x is the whole query or key head), RoPE (not for value heads) and the
+    store to q or to the KV cache at each sequence's position."""
+    HALF: tl.constexpr = HD // 2
+    x1, x2 = tl.split(tl.reshape(x, [BP, dims.shape[0], 2]))
     is_q = head < H
     is_v = head >= H + KVH
-    if QK_NORM:  # whole head in this task (plan guarantees BN_QKV == HD)
+    if QK_NORM:
         rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HD + EPS)
-        gbase = nbase + 2 * D + tl.where(is_q, 0, HD)
-        g1 = tl.load(gbase + dims)
-        g2 = tl.load(gbase + HALF + dims)
-        x1 = tl.where(is_v, x1, x1 * rms[:, None] * g1[None, :])
-        x2 = tl.where(is_v, x2, x2 * rms[:, None] * g2[None, :])
+        gbase = norms_ptr + layer * NORM_STRIDE + 2 * D + tl.where(is_q, 0, HD)
+        x1 = x1 * rms[:, None] * tl.load(gbase + dims)[None, :]
+        x2 = x2 * rms[:, None] * tl.load(gbase + HALF + dims)[None, :]
     bidx = tl.arange(0, BP)
     bmask = bidx < B
     pos = tl.load(pos_ptr + bidx, mask=bmask, other=0)
@@ -677,7 +715,8 @@ def decode_step_kernel(
     arena_ptr, scales_ptr, zeros_ptr, norms_ptr, bias_ptr, embed_ptr, lm_head_ptr,
     lm_scales_ptr, lm_zeros_ptr, inv_freq_ptr,
     k_cache_ptr, v_cache_ptr,
-    h_ptr, xn_mlp_ptr, ss_mlp_ptr, xn_attn_ptr, ss_attn_ptr, q_ptr, attn_ptr, act_ptr,
+    h_ptr, xn_mlp_ptr, ss_mlp_ptr, xn_attn_ptr, ss_attn_ptr, q_ptr, qk_raw_ptr, attn_ptr,
+    act_ptr,
     logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, prof_ptr,
     B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
     KVH: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
@@ -734,11 +773,11 @@ def decode_step_kernel(
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 _qkv(layer, a, b, w0_qkv, layer_w, layer_s, layer_z, norms_ptr, bias_ptr,
-                     inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, k_cache_ptr,
-                     v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV,
+                     inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, qk_raw_ptr,
+                     k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr, aux_ctr,
+                     B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV,
                      USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS,
                      KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX)
-                _signal(counters_ptr, signal_ctr)
         elif op == OP_ATTN:
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):

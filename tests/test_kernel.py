@@ -150,6 +150,18 @@ def test_partial_rope_chunks_batch1() -> None:
     _run_and_compare(pair, [6], steps=2, dtype=torch.float32)
 
 
+@pytest.mark.parametrize(("batch", "qkv_rows"), [("b1", 2), ("b1", 8), ("b1", 32),
+                                                  ("b3-ragged", 16), ("b3-ragged", 32)])
+def test_qk_norm_heads_split_over_tasks(batch: str, qkv_rows: int) -> None:
+    """Qwen3's qk-norm spans a head (head_dim 32 here): with fewer rows per QKV task the
+    chunks of a query/key head leave raw rows and the last to arrive norms the head; 32 rows
+    is the whole head in one task (tensor cores at batch 3: 16 rows at least)."""
+    lengths = BATCHES[batch]
+    pair = _pair("qwen3", batch=len(lengths), dtype=torch.float32, qkv_rows=qkv_rows)
+    assert pair.config.qk_norm and pair.config.head_dim == 32
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
+
+
 def test_two_runs_are_bitwise_equal() -> None:
     pair = _pair("qwen2", batch=3, dtype=torch.bfloat16)
     ids = pair.prefill([2, 5, 7])

@@ -39,18 +39,20 @@ def test_table_is_topological_and_targets_count_producers(plan) -> None:
                 f"producers ({signalled[t.wait_counter]} of {t.wait_target})"
             )
             assert t.wait_target == plan.counter_targets[t.wait_counter]
-        if t.op == Op.ATTN:
-            # Splits arrive on their own counter; the last one signals the merge counter.
-            if t.c == plan.tiles.kv_splits - 1:
+        if t.aux_counter != NO_COUNTER:
+            # Tasks arrive on their own counter; the last one signals for all of them.
+            signalled[t.aux_counter] += 1
+            if signalled[t.aux_counter] == plan.counter_targets[t.aux_counter]:
                 signalled[t.signal_counter] += 1
         elif t.signal_counter != NO_COUNTER:
             signalled[t.signal_counter] += 1
     for counter, target in enumerate(plan.counter_targets):
         name = plan.counter_names[counter]
-        if ".attn[" in name:  # arrival counters: kv_splits each
+        assert signalled[counter] == target, name
+        if ".attn[" in name and name.endswith(".arrive"):  # splits of one (sequence, kv head)
             assert target == plan.tiles.kv_splits
-        else:
-            assert signalled[counter] == target, name
+        elif name.endswith(".arrive"):  # chunks of one qk-norm head
+            assert plan.config.qk_norm and target == plan.config.head_dim // plan.tiles.qkv_rows
 
 
 def test_tasks_per_op_match_the_shapes(plan) -> None:

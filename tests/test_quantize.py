@@ -189,10 +189,17 @@ def test_plan_byte_count_for_8b_int4() -> None:
     (QuantScheme(4, 64, symmetric=False), 1, 0), (QuantScheme(4, 32), 2, 1), (None, 1, 0)])
 def test_plan_puts_quantized_gemvs_on_tensor_cores(scheme, batch: int, tensor_cores: int) -> None:
     """Quantized batch 1 runs on tensor cores (fp16 converters), except int4 groups under 128,
-    which are refused there (wrong results with triton 3.6)."""
+    which are refused there (wrong results with triton 3.6). There a bf16 model stores its
+    GEMV inputs in fp16, the operand dtype of the codes; elsewhere in the model dtype."""
     config = preset("llama-3.2-1b")
     plan = make_plan(config, batch=batch, max_seq_len=256, quant=scheme)
     assert plan.use_dot == bool(tensor_cores or batch > 1)
+    assert plan.activation_dtype == (torch.float16 if tensor_cores else torch.bfloat16)
+    fp32 = make_plan(config, batch=batch, max_seq_len=256, quant=scheme, dtype=torch.float32)
+    assert fp32.activation_dtype == torch.float32
+    if not tensor_cores:
+        with pytest.raises(ValueError, match="fp16_activations=1"):
+            make_plan(config, batch=batch, max_seq_len=256, quant=scheme, fp16_activations=1)
     if scheme and scheme.bits == 4 and batch == 1 and not tensor_cores:
         with pytest.raises(ValueError, match="tensor_cores=1 is not supported"):
             make_plan(config, batch=1, max_seq_len=256, quant=scheme, tensor_cores=1)
@@ -241,6 +248,17 @@ def test_kernel_int4_asymmetric_every_family(family: str) -> None:
 def test_kernel_matches_reference_on_dequantized_weights(scheme: str, batch: str) -> None:
     lengths = BATCHES[batch]
     pair = _pair("qwen2", batch=len(lengths), dtype=torch.bfloat16, quant=SCHEMES[scheme])
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-asym"])
+def test_kernel_with_activations_in_the_model_dtype(scheme: str) -> None:
+    """fp16_activations=0: the tensor-core loops convert bf16 x to the codes' operand dtype
+    per chunk (the default stores x in fp16 and is covered above)."""
+    lengths = BATCHES["b3-ragged"]
+    pair = _pair("llama", batch=len(lengths), dtype=torch.bfloat16, quant=SCHEMES[scheme],
+                 fp16_activations=0)
+    assert pair.plan.activation_dtype == torch.bfloat16
     _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
 
 

@@ -53,7 +53,9 @@ NO_COUNTER = -1
 class Task:
     """One row of the table. a/b/c are the tile coordinates, their meaning depends on op:
     QKV (head, pair chunk, -), ATTN (sequence, kv head, split), OPROJ/GATEUP/DOWN/LMHEAD
-    (row tile, -, -). aux_counter: for ATTN, the arrival counter of its (sequence, kv head)."""
+    (row tile, -, -). aux_counter: an arrival counter (ATTN: of its sequence and kv head;
+    QKV of a qk-norm model's query/key head: of the head). The task that brings it to its
+    target finishes the work of all arrivals and alone signals signal_counter."""
 
     op: Op
     layer: int = 0
@@ -90,6 +92,9 @@ class Tiles:
     ignore_deps: int = 0  # benchmark diagnostic ONLY: skip every wait (results are garbage)
     profile: int = 0  # record a per-task timeline (GPU only; see flashformer_triton.profile)
     tensor_cores: int = 0  # 1: GEMVs on tensor cores at batch 1 too (batch > 1 always is)
+    # 1: a quantized bf16 model stores its GEMV inputs (normed h, attention, SwiGLU) in fp16,
+    # the tensor-core operand dtype of the codes, so the loops need not convert x per chunk.
+    fp16_activations: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
 
     d, f = config.hidden_size, config.intermediate_size
     heads = config.num_heads + 2 * config.num_kv_heads
-    # Qwen3's qk-norm needs the whole head in one task.
-    qkv_rows = hd if config.qk_norm else rows_for(heads * hd, (min(hd, 16), min(hd, 8)))
+    qkv_rows = rows_for(heads * hd, (min(hd, 16), min(hd, 8)))
     # Model-dtype weights: at least 8 streamed chunks per task (the shortest tiles are
     # [rows, hidden]), since long chunks cost more in the ramp after each barrier (1B: 256
     # columns, 1.29 -> 1.21 ms), with about 1024 columns of a tile in flight. Quantized chunks
@@ -168,7 +172,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
     o_rows = 32 if batch > 8 and d // 32 >= gpu.num_sms * 0.9 else rows_for(d)  # ~ a task per SM
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
-                 tensor_cores=tensor_cores,
+                 tensor_cores=tensor_cores, fp16_activations=tensor_cores,
                  o_rows=o_rows, down_rows=o_rows, gate_up_rows=rows_for(f),
                  lm_rows=lm_rows, block_k=block_k, pipeline_stages=stages)
 
@@ -207,6 +211,15 @@ class Plan:
         """Batch > 1, and batch 1 with the `tensor_cores` tile, runs the GEMVs as small matmuls
         on tensor cores (weights as the M operand, the batch padded to a power of two as N)."""
         return self.batch > 1 or bool(self.tiles.tensor_cores)
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of the GEMV inputs the kernel stores (xn, attention and SwiGLU outputs):
+        the model dtype, or fp16 for a quantized bf16 model with the `fp16_activations` tile
+        (values must stay under fp16's 65504; set the tile to 0 for a model whose don't)."""
+        if self.tiles.fp16_activations and self.dtype == torch.bfloat16:
+            return torch.float16
+        return self.dtype
 
     @property
     def batch_pad(self) -> int:
@@ -364,6 +377,9 @@ def make_plan(
     tiles = replace(tiles, **tile_overrides)
     if quant:
         _check_quant(config, tiles, quant, batch)
+    elif tiles.fp16_activations:
+        raise ValueError("fp16_activations=1 is for quantized weights (bf16 weights would need "
+                         "their inputs converted back); leave it at 0")
     _check_tiles(config, tiles, batch)
 
     c, t = config, tiles
@@ -403,10 +419,20 @@ def make_plan(
             q_heads = range(group * c.group_size, (group + 1) * c.group_size)
             kv_heads = (c.num_heads + group, c.num_heads + c.num_kv_heads + group)
             for head in (*q_heads, *kv_heads):
-                for chunk in range(hd // t.qkv_rows):
+                chunks = hd // t.qkv_rows
+                arrivals = NO_COUNTER
+                if c.qk_norm and head < c.num_heads + c.num_kv_heads:
+                    # qk-norm spans the head: its chunks arrive here, the last one norms,
+                    # rotates and stores the head and signals the group (once per head).
+                    arrivals = ctr.new(f"L{layer}.qkv[h{head}].arrive")
+                    ctr.targets[arrivals] = chunks
+                    ctr.signal(group_ctrs[group])
+                for chunk in range(chunks):
+                    if arrivals == NO_COUNTER:
+                        ctr.signal(group_ctrs[group])
                     add(
                         Task(Op.QKV, layer, head, chunk, 0, prev_ctr, prev_target,
-                             ctr.signal(group_ctrs[group])),
+                             group_ctrs[group], arrivals),
                         rows=t.qkv_rows, k=d,
                     )
 
@@ -415,7 +441,7 @@ def make_plan(
             for seq in range(batch):
                 # Each split arrives here; the one that brings it to kv_splits merges and
                 # signals `merged` (once per sequence and kv head).
-                arrivals = ctr.new(f"L{layer}.attn[b{seq},g{g}]")
+                arrivals = ctr.new(f"L{layer}.attn[b{seq},g{g}].arrive")
                 ctr.targets[arrivals] = t.kv_splits
                 for split in range(t.kv_splits):
                     add(Task(Op.ATTN, layer, seq, g, split, group_ctrs[g],
@@ -483,8 +509,6 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         pow2("l2_prefetch_k", t.l2_prefetch_k, 64)
     if config.head_dim % t.qkv_rows:
         raise ValueError(f"qkv_rows={t.qkv_rows} must divide head_dim={config.head_dim}")
-    if config.qk_norm and t.qkv_rows != config.head_dim:
-        raise ValueError("qk-norm models need qkv_rows == head_dim (the norm spans the head)")
     if t.kv_splits < 1:
         raise ValueError(f"kv_splits={t.kv_splits} must be >= 1")
 
@@ -498,6 +522,11 @@ def _tensor_cores_ok(quant: QuantScheme, batch: int) -> bool:
 
 def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme, batch: int) -> None:
     check_quantizable(config, quant)
+    if t.fp16_activations and not (t.tensor_cores or batch > 1):
+        raise ValueError(
+            "fp16_activations=1 needs tensor_cores=1 (fp16 operands for the codes); the FMA "
+            "path computes in fp32 and gains nothing from it: leave fp16_activations at 0"
+        )
     if t.tensor_cores and not _tensor_cores_ok(quant, batch):
         raise ValueError(
             f"tensor_cores=1 is not supported for {quant.describe()} at batch 1 (int4 groups "

@@ -112,17 +112,19 @@ class DecodeRuntime:
         self.counters = torch.zeros(max(1, plan.num_counters), dtype=torch.int32, device=dev)
         self.ids = torch.zeros(B, dtype=torch.int32, device=dev)
         self.pos = torch.zeros(B, dtype=torch.int32, device=dev)
-        model = dict(dtype=weights.dtype, device=dev)
+        acts = dict(dtype=plan.activation_dtype, device=dev)  # the GEMVs' inputs
         parts_o, parts_down = plan.norm_parts()
         self.h = torch.empty(B, c.hidden_size, **f32)
-        # h published for the next norm: times its weights (model dtype), sums of squares.
-        self.xn_mlp = torch.empty(B, c.hidden_size, **model)
+        # h published for the next norm: times its weights, and its sums of squares.
+        self.xn_mlp = torch.empty(B, c.hidden_size, **acts)
         self.ss_mlp = torch.empty(B, parts_down, **f32)
-        self.xn_attn = torch.empty(B, c.hidden_size, **model)
+        self.xn_attn = torch.empty(B, c.hidden_size, **acts)
         self.ss_attn = torch.empty(B, parts_o, **f32)
         self.q = torch.empty(B, c.q_size, **f32)
-        self.attn = torch.empty(B, c.q_size, **model)
-        self.act = torch.empty(B, c.intermediate_size, **model)
+        # Query and key rows before Qwen3's qk-norm (the last chunk of a head norms them).
+        self.qk_raw = torch.empty(B, c.q_size + c.kv_size if c.qk_norm else 1, **f32)
+        self.attn = torch.empty(B, c.q_size, **acts)
+        self.act = torch.empty(B, c.intermediate_size, **acts)
         self.logits = torch.empty(B, c.vocab_size, **f32)
         self.part_m = torch.empty(B, c.num_heads, splits, **f32)
         self.part_l = torch.empty(B, c.num_heads, splits, **f32)
@@ -143,7 +145,7 @@ class DecodeRuntime:
         """The kernel's scratch and output buffers (tests poison them with NaN)."""
         return {"h": self.h, "xn_mlp": self.xn_mlp, "ss_mlp": self.ss_mlp,
                 "xn_attn": self.xn_attn, "ss_attn": self.ss_attn, "q": self.q,
-                "attn": self.attn, "act": self.act,
+                "qk_raw": self.qk_raw, "attn": self.attn, "act": self.act,
                 "logits": self.logits, "part_m": self.part_m, "part_l": self.part_l,
                 "part_o": self.part_o}
 
@@ -156,7 +158,8 @@ class DecodeRuntime:
             w.arena, w.scales, w.zeros, w.norms, w.qkv_bias, w.embed, w.lm_head, w.lm_scales,
             w.lm_zeros, w.inv_freq,
             self.k_cache, self.v_cache,
-            self.h, self.xn_mlp, self.ss_mlp, self.xn_attn, self.ss_attn, self.q, self.attn,
+            self.h, self.xn_mlp, self.ss_mlp, self.xn_attn, self.ss_attn, self.q, self.qk_raw,
+            self.attn,
             self.act, self.logits,
             self.part_m, self.part_l, self.part_o, self.timeline,
             num_warps=self.plan.tiles.num_warps,

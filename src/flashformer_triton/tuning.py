@@ -223,14 +223,11 @@ def load_tuned_tiles(
 
 def candidate_space(config: ModelConfig, batch: int) -> dict[str, tuple[int, ...]]:
     """Values each tuned field may take for this shape and batch. Row tiles are 8 or 16 at
-    batch 1 and 16 otherwise (batch > 1 multiplies on tensor cores, which need 16 rows);
-    qk-norm models (Qwen3) keep QKV tiles of a whole head, so ``qkv_rows`` is not tuned."""
+    batch 1 and 16 otherwise (batch > 1 multiplies on tensor cores, which need 16 rows)."""
     rows = (8, 16) if batch == 1 else (16,)
     space: dict[str, tuple[int, ...]] = {}
     for name in ROW_FIELDS:
         if name == "qkv_rows":
-            if config.qk_norm:
-                continue
             choices = tuple(r for r in rows if r <= config.head_dim and config.head_dim % r == 0)
             if not choices:
                 continue
