@@ -1,9 +1,10 @@
 """Profile one decode step on the GPU: per-op wait/work times and a Gantt chart.
 
     python bench/profile_step.py --shape llama-3.2-1b --out bench/out
+    python bench/profile_step.py --shape llama-3.1-8b --weights int8
 
-Random bf16 weights; one warm-up step, then a profiled step. Writes timeline-<shape>.json
-(the raw records) and, with matplotlib, timeline-<shape>.png.
+Random bf16 weights (quantized with --weights); one warm-up step, then a profiled step.
+Writes timeline-<shape>-<weights>.json (the raw records) and, with matplotlib, the .png.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_quant import SCHEMES
 
 from flashformer_triton.config import preset
 from flashformer_triton.profile import gantt_png, profile_step, summarize
@@ -24,25 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pos", type=int, default=512)
+    parser.add_argument("--weights", default="bf16", choices=list(SCHEMES))
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
         return 2
     # compile, warm up, then the recorded step (the same code as `flashformer-triton profile`)
-    plan, timeline = profile_step(preset(args.shape), batch=args.batch, pos=args.pos)
+    plan, timeline = profile_step(preset(args.shape), batch=args.batch, pos=args.pos,
+                                  quant=SCHEMES[args.weights])
     summary = summarize(plan, timeline)
-    print(f"{args.shape} batch {args.batch} pos {args.pos}")
+    print(f"{args.shape} {args.weights} batch {args.batch} pos {args.pos}")
     print(summary.format())
     args.out.mkdir(parents=True, exist_ok=True)
     records = timeline.cpu().tolist()
-    (args.out / f"timeline-{args.shape}.json").write_text(json.dumps(
-        {"shape": args.shape, "batch": args.batch, "pos": args.pos,
+    (args.out / f"timeline-{args.shape}-{args.weights}.json").write_text(json.dumps(
+        {"shape": args.shape, "weights": args.weights, "batch": args.batch, "pos": args.pos,
          "fields": ["program", "sm", "start_ns", "ready_ns", "end_ns"],
          "ops": [int(t.op) for t in plan.tasks], "layers": [t.layer for t in plan.tasks],
          "records": records}))
     try:
-        gantt_png(plan, timeline, str(args.out / f"timeline-{args.shape}.png"))
+        gantt_png(plan, timeline, str(args.out / f"timeline-{args.shape}-{args.weights}.png"))
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ Buffers (fp32 unless noted; B = plan batch):
   [B, V]. xn, attn and act, the GEMVs' inputs, are in the plan's activation dtype (the model
   dtype, or fp16 for quantized bf16 models);
   part_m/part_l [B, H, NSPLIT], part_o [B, H, NSPLIT, HD] flash-decoding partials;
+  partial [DOWN_SPLITS, B, D] the down projection's partial sums over parts of F;
   k_cache/v_cache [L, B, KVH, S_MAX, HD] (model dtype); ctrl int32 [8]; counters int32.
 Task rows are int32 [op, layer, a, b, c, wait counter, wait target, signal counter, aux
 counter] (plan.TASK_FIELDS).
@@ -406,14 +407,15 @@ def _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
 
 
 @triton.jit
-def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr,
+def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
           WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
           KSPLIT: tl.constexpr, PTX: tl.constexpr):
-    """out[b, n] = sum_k W[rows[n], k] * x[b, k] -> [BP, BN] fp32, with the first chunk
-    already loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at
-    z_ptr, indexed like the rows)."""
+    """out[b, n] = sum_k W[rows[n], k] * x[b, k] over columns k_lo <= k < k_hi (whole
+    chunks) of a [?, K] matrix -> [BP, BN] fp32, with the first chunk (at k_lo) already
+    loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at z_ptr,
+    indexed like the rows)."""
     # The accumulator keeps the chunk's blocks apart (tensor cores: [blocks, BN, BP]; batch 1:
     # shaped like the chunk) and is reduced once, after the last chunk.
     if USE_DOT:
@@ -425,18 +427,19 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, w_first, x_ptr,
         acc = tl.zeros([BN, BK // GROUP, GROUP // 2], dtype=tl.float32)
     else:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
-    acc = _accumulate(acc, w_first, x_ptr, s_ptr, z_ptr, rows, row_mask, K, 0, B, BP, BK,
+    acc = _accumulate(acc, w_first, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, B, BP, BK,
                       USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
-        for k0 in tl.range(BK, K, BK, num_stages=STAGES):
+        for k0 in tl.range(k_lo + BK, k_hi, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
             acc = _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BK,
                               USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
-        w_next = _load_w(w_ptr, rows, row_mask, K, BK, BK, WBITS, GROUP, USE_DOT, KSPLIT)
-        for k0 in range(BK, K, BK):
+        w_next = _load_w(w_ptr, rows, row_mask, K, k_lo + BK, BK, WBITS, GROUP, USE_DOT,
+                         KSPLIT)
+        for k0 in range(k_lo + BK, k_hi, BK):
             w_cur = w_next
             w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP, USE_DOT,
                              KSPLIT)
@@ -525,9 +528,9 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     QK_ROWS: tl.constexpr = (H + KVH) * HD  # query and key rows: qk_raw's width
     rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
     row_mask = rows < QKV_ROWS
-    acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, w_first, xn_ptr, B, BP, BN_QKV, BK_QKV,
-                USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, k_cache_ptr.dtype.element_ty,
-                KSPLIT, PTX)
+    acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, xn_ptr, B, BP, BN_QKV,
+                BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
+                k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
     acc = acc * _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
@@ -681,28 +684,52 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
 
 
 @triton.jit
-def _residual_task(tile, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr,
-                   counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr, task, max_spin,
-                   prof_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
-                   DOT_PREC: tl.constexpr, STAGES: tl.constexpr, PF_K: tl.constexpr,
-                   IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr, WBITS: tl.constexpr,
-                   GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
-                   KSPLIT: tl.constexpr, PTX: tl.constexpr):
+def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr,
+                   partial_ptr, counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr,
+                   arrive_ctr, task, max_spin, prof_ptr, B: tl.constexpr, BP: tl.constexpr,
+                   D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
+                   USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
+                   PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
+                   WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                   CDT: tl.constexpr, KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g). The first weight chunk is requested before the
-    wait on the producers of x."""
+    wait on the producers of x.
+
+    Split over K (SPLITS > 1: the down projection), a task takes columns part * K/SPLITS..
+    and waits only for the producers of those inputs; it leaves its partial sum in
+    partial[part] and arrives on the tile's counter, and the last part to arrive adds the
+    parts in order (deterministic), publishes the rows and signals."""
+    KPART: tl.constexpr = K // SPLITS
     rows = tile * BN + tl.arange(0, BN)
-    w0 = _load_w(w_ptr, rows, rows < D, K, 0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
+    k_lo = part * KPART
+    w0 = _load_w(w_ptr, rows, rows < D, K, k_lo, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     if PF_K > 0:
-        _prefetch_l2(w_ptr, rows, rows < D, K, BK, PF_K)
+        _prefetch_l2(w_ptr, rows, rows < D, K, k_lo + BK, PF_K)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     IGNORE_DEPS, PROFILE):
-        acc = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, w0, x_ptr, B, BP, BN, BK, USE_DOT,
-                    DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
-        _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, rows < D, acc, True, B, BP, D,
-                      BN)
-        _signal(counters_ptr, signal_ctr)
+             IGNORE_DEPS, PROFILE):
+        acc = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, k_lo, k_lo + KPART, w0, x_ptr, B,
+                    BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT,
+                    PTX)
+        if SPLITS == 1:
+            _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, rows < D, acc, True, B, BP,
+                          D, BN)
+            _signal(counters_ptr, signal_ctr)
+        else:
+            bidx = tl.arange(0, BP)
+            offs = bidx[:, None] * D + rows[None, :]
+            mask = (bidx < B)[:, None] & (rows < D)[None, :]
+            tl.store(partial_ptr + part * (B * D) + offs, acc, mask=mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counters_ptr + arrive_ctr, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLITS - 1:
+                total = tl.zeros([BP, BN], dtype=tl.float32)
+                for p in range(SPLITS):
+                    total += tl.load(partial_ptr + p * (B * D) + offs, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, rows < D, total, True,
+                              B, BP, D, BN)
+                _signal(counters_ptr, signal_ctr)
 
 
 # ---------------------------------------------------------------- the persistent kernel
@@ -717,7 +744,7 @@ def decode_step_kernel(
     k_cache_ptr, v_cache_ptr,
     h_ptr, xn_mlp_ptr, ss_mlp_ptr, xn_attn_ptr, ss_attn_ptr, q_ptr, qk_raw_ptr, attn_ptr,
     act_ptr,
-    logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, prof_ptr,
+    logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, partial_ptr, prof_ptr,
     B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
     KVH: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
@@ -729,6 +756,7 @@ def decode_step_kernel(
     SOFF_DOWN: tl.constexpr,
     BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
     BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
+    DOWN_SPLITS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
     QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
     KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O_P: tl.constexpr,
@@ -743,7 +771,8 @@ def decode_step_kernel(
     PARTS_O: tl.constexpr = (D + BN_O - 1) // BN_O
     PARTS_DOWN: tl.constexpr = (D + BN_DOWN - 1) // BN_DOWN
 
-    task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)
+    # Pops are relaxed (no fence): the table is read-only and the counters order the data.
+    task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1, sem="relaxed", scope="gpu")
     while task < n_tasks:
         row = tasks_ptr + task * TASK_COLS
         op = tl.load(row + 0)
@@ -794,11 +823,12 @@ def decode_step_kernel(
                     _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
             # Publishes h for the post-attention norm of this layer.
-            _residual_task(a, layer_w + OFF_O, layer_s + SOFF_O, layer_z + SOFF_O, Q, attn_ptr,
-                           h_ptr, xn_attn_ptr, ss_attn_ptr, norms_ptr + layer * NORM_STRIDE + D,
-                           counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr, task,
-                           max_spin, prof_ptr, B, BP, D, BN_O, BK, USE_DOT, DOT_PREC, STAGES,
-                           PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+            _residual_task(a, 0, layer_w + OFF_O, layer_s + SOFF_O, layer_z + SOFF_O, Q,
+                           attn_ptr, h_ptr, xn_attn_ptr, ss_attn_ptr,
+                           norms_ptr + layer * NORM_STRIDE + D, partial_ptr, counters_ptr,
+                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
+                           prof_ptr, B, BP, D, BN_O, BK, 1, USE_DOT, DOT_PREC, STAGES, PF_K,
+                           IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -811,8 +841,8 @@ def decode_step_kernel(
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
-                               D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT, DOT_PREC,
-                               STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                               D, 0, D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT,
+                               DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
                 acc_gu *= _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
@@ -824,12 +854,14 @@ def decode_step_kernel(
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_DOWN:
             # Publishes h for the next layer's input norm (after the last: the final norm).
-            _residual_task(a, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, layer_z + SOFF_DOWN, F,
-                           act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr,
-                           norms_ptr + (layer + 1) * NORM_STRIDE, counters_ptr, ctrl_ptr,
-                           wait_ctr, wait_target, signal_ctr, task, max_spin, prof_ptr, B, BP, D,
-                           BN_DOWN, BK, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE,
-                           WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+            # Split over F (DOWN_SPLITS parts): part b waits only for its gate/up tiles.
+            _residual_task(a, b, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, layer_z + SOFF_DOWN,
+                           F, act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr,
+                           norms_ptr + (layer + 1) * NORM_STRIDE, partial_ptr, counters_ptr,
+                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
+                           prof_ptr, B, BP, D, BN_DOWN, BK, DOWN_SPLITS, USE_DOT, DOT_PREC,
+                           STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT,
+                           KSPLIT, PTX)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP,
@@ -839,8 +871,8 @@ def decode_step_kernel(
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
-                               D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC, STAGES,
-                               LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                               D, 0, D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC,
+                               STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
                 acc_lm *= _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
@@ -854,7 +886,7 @@ def decode_step_kernel(
                 _signal(counters_ptr, signal_ctr)
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))
-        task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1)
+        task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1, sem="relaxed", scope="gpu")
 
     # The last program out leaves the queue and counters at zero for the next launch.
     leaving = tl.atomic_add(ctrl_ptr + CTRL_DONE, 1, sem="acq_rel", scope="gpu")

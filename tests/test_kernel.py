@@ -162,6 +162,17 @@ def test_qk_norm_heads_split_over_tasks(batch: str, qkv_rows: int) -> None:
     _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("batch", list(BATCHES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_down_projection_split_over_f(batch: str, dtype: torch.dtype) -> None:
+    """down_splits=5: F=160 in five parts of one 32-column chunk; each part waits for its own
+    gate/up tiles and the last part of a row tile to arrive adds them up and publishes h."""
+    lengths = BATCHES[batch]
+    pair = _pair("llama", batch=len(lengths), dtype=dtype, down_splits=5, block_k=32)
+    assert pair.config.intermediate_size == 160
+    _run_and_compare(pair, lengths, steps=2, dtype=dtype)
+
+
 def test_two_runs_are_bitwise_equal() -> None:
     pair = _pair("qwen2", batch=3, dtype=torch.bfloat16)
     ids = pair.prefill([2, 5, 7])

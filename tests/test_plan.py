@@ -14,18 +14,20 @@ from flashformer_triton.weights import pack_weights
 
 H100 = GpuSpec("NVIDIA H100 80GB HBM3", 132)
 CASES = {
-    "tiny-b1": ("tiny", 1),
-    "tiny-b3": ("tiny", 3),
-    "1b-b1": ("llama-3.2-1b", 1),
-    "8b-b8": ("llama-3.1-8b", 8),
-    "qwen3-8b-b4": ("qwen3-8b", 4),
+    "tiny-b1": ("tiny", 1, {}),
+    "tiny-b3": ("tiny", 3, {}),
+    "1b-b1": ("llama-3.2-1b", 1, {}),
+    "1b-b1-down4": ("llama-3.2-1b", 1, {"down_splits": 4}),
+    "8b-b8": ("llama-3.1-8b", 8, {}),
+    "8b-b1-down2": ("llama-3.1-8b", 1, {"down_splits": 2}),
+    "qwen3-8b-b4": ("qwen3-8b", 4, {}),
 }
 
 
 @pytest.fixture(params=list(CASES))
 def plan(request):
-    name, batch = CASES[request.param]
-    return make_plan(preset(name), batch=batch, max_seq_len=4096, gpu=H100)
+    name, batch, tiles = CASES[request.param]
+    return make_plan(preset(name), batch=batch, max_seq_len=4096, gpu=H100, **tiles)
 
 
 def test_table_is_topological_and_targets_count_producers(plan) -> None:
@@ -51,6 +53,8 @@ def test_table_is_topological_and_targets_count_producers(plan) -> None:
         assert signalled[counter] == target, name
         if ".attn[" in name and name.endswith(".arrive"):  # splits of one (sequence, kv head)
             assert target == plan.tiles.kv_splits
+        elif ".down[" in name and name.endswith(".arrive"):  # parts of one row tile
+            assert target == plan.tiles.down_splits > 1
         elif name.endswith(".arrive"):  # chunks of one qk-norm head
             assert plan.config.qk_norm and target == plan.config.head_dim // plan.tiles.qkv_rows
 
@@ -65,18 +69,22 @@ def test_tasks_per_op_match_the_shapes(plan) -> None:
     assert per_op[Op.ATTN] == L * B * c.num_kv_heads * t.kv_splits
     assert per_op[Op.OPROJ] == L * -(-c.hidden_size // t.o_rows)
     assert per_op[Op.GATEUP] == L * -(-c.intermediate_size // t.gate_up_rows)
-    assert per_op[Op.DOWN] == L * -(-c.hidden_size // t.down_rows)
+    assert per_op[Op.DOWN] == L * -(-c.hidden_size // t.down_rows) * t.down_splits
     assert per_op[Op.LMHEAD] == -(-c.vocab_size // t.lm_rows)
     table = plan.table()
     assert table.dtype == torch.int32 and tuple(table.shape) == (plan.num_tasks, len(TASK_FIELDS))
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("name", ["tiny", "llama-3.2-1b"])
-def test_weight_bytes_equal_what_the_arena_holds(name: str) -> None:
+def test_weight_bytes_equal_what_the_arena_holds(name: str, split: bool) -> None:
     """The tasks' tiles cover every matrix element exactly once (bytes counted from the
-    table) and nothing else: they equal the packed arena plus the LM head."""
+    table) and nothing else: they equal the packed arena plus the LM head (also with the
+    down projection split over F)."""
     config = preset(name)
-    plan = make_plan(config, batch=1, max_seq_len=256, gpu=H100)
+    parts = {"tiny": 5, "llama-3.2-1b": 4}[name]  # tiny: F = 160
+    tiles = {"down_splits": parts, "block_k": 32} if split else {}
+    plan = make_plan(config, batch=1, max_seq_len=256, gpu=H100, **tiles)
     if name == "tiny":
         weights = pack_weights(config, random_state_dict(config), dtype=torch.bfloat16)
         streamed = (weights.arena.numel() + weights.lm_head.numel()) * 2
@@ -109,6 +117,8 @@ def test_summary_is_one_screen(plan) -> None:
         (dict(qkv_rows=3), "qkv_rows=3 must be a power of two"),
         (dict(kv_splits=0), "kv_splits=0 must be >= 1"),
         (dict(o_rows=8), "o_rows=8 must be a power of two >= 16"),  # batch 3 uses tl.dot
+        (dict(down_splits=3), "down_splits=3 must be >= 1 and, above 1, cut"),  # F=160
+        (dict(down_splits=0), "down_splits=0 must be >= 1"),
     ],
 )
 def test_bad_tiles_are_refused(overrides: dict, message: str) -> None:

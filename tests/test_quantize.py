@@ -149,6 +149,9 @@ def test_packing_quantizes_like_quantize_state(scheme: str) -> None:
     for name in ("arena", "scales", "zeros", "lm_head", "lm_scales", "lm_zeros"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     plan = make_plan(config, batch=1, max_seq_len=64, quant=a.scheme)
+    split = make_plan(config, batch=1, max_seq_len=64, quant=a.scheme, down_splits=5,
+                      block_k=32)  # F = 160 in five parts: per-row scales counted once
+    assert split.weight_bytes() == plan.weight_bytes()
     held = sum(t.numel() * t.element_size() for t in (a.arena, a.lm_head, a.lm_scales)
                ) + a.scales.numel() * 2
     if not q.symmetric:
@@ -259,6 +262,15 @@ def test_kernel_with_activations_in_the_model_dtype(scheme: str) -> None:
     pair = _pair("llama", batch=len(lengths), dtype=torch.bfloat16, quant=SCHEMES[scheme],
                  fp16_activations=0)
     assert pair.plan.activation_dtype == torch.bfloat16
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-asym"])
+def test_kernel_quantized_down_projection_split_over_f(scheme: str) -> None:
+    """down_splits=5 (parts of 32 columns: whole int4 groups) with quantized weights."""
+    lengths = BATCHES["b3-ragged"]
+    pair = _pair("llama", batch=len(lengths), dtype=torch.bfloat16, quant=SCHEMES[scheme],
+                 down_splits=5, block_k=32)
     _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
 
 

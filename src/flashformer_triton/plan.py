@@ -52,10 +52,11 @@ NO_COUNTER = -1
 @dataclass(frozen=True)
 class Task:
     """One row of the table. a/b/c are the tile coordinates, their meaning depends on op:
-    QKV (head, pair chunk, -), ATTN (sequence, kv head, split), OPROJ/GATEUP/DOWN/LMHEAD
-    (row tile, -, -). aux_counter: an arrival counter (ATTN: of its sequence and kv head;
-    QKV of a qk-norm model's query/key head: of the head). The task that brings it to its
-    target finishes the work of all arrivals and alone signals signal_counter."""
+    QKV (head, pair chunk, -), ATTN (sequence, kv head, split), DOWN (row tile, part of F, -),
+    OPROJ/GATEUP/LMHEAD (row tile, -, -). aux_counter: an arrival counter (ATTN: of its
+    sequence and kv head; QKV of a qk-norm model's query/key head: of the head; DOWN split
+    over F: of its row tile). The task that brings it to its target finishes the work of all
+    arrivals and alone signals signal_counter."""
 
     op: Op
     layer: int = 0
@@ -84,6 +85,9 @@ class Tiles:
     qkv_block_k: int = 512
     block_s: int = 64  # KV positions per attention block
     kv_splits: int = 8  # flash-decoding splits per (sequence, kv head)
+    # Down projection split over F: part j's tasks wait only for the gate/up tiles of F-range
+    # j (not the whole stage), and the last part of a row tile to arrive publishes it.
+    down_splits: int = 1
     programs_per_sm: int = 2
     num_warps: int = 4
     l2_prefetch_k: int = 0  # columns of a tile hinted into L2 before its wait (0: off)
@@ -170,11 +174,23 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # Batch > 8: every task reads all of x (batch x k) next to its rows x k weights, so wider
     # O/down tiles halve that traffic where the stage still has a task per SM (8B and
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
-    o_rows = 32 if batch > 8 and d // 32 >= gpu.num_sms * 0.9 else rows_for(d)  # ~ a task per SM
+    wide = d // 32 >= gpu.num_sms * 0.9  # 32-row tiles still give a task per SM
+    o_rows = 32 if batch > 8 and wide else rows_for(d)
+    # On tensor cores at batch <= 4 (8B: quantized batch 1, batch 4), the down projection
+    # in two halves of F, 32 rows each (as many tasks): a half starts as soon as its gate/up
+    # tiles are done, which fills the gate/up stage's last round (8B int8 3.55 -> 3.45 ms,
+    # int4 2.97 -> 2.88, batch 4 int8 3.77 -> 3.63, bf16 5.85 -> 5.77; the FMA path at bf16
+    # batch 1 spills with 32 rows: 5.72 -> 5.85; 1B: no gain; bench/NOTES.md row 30).
+    down_rows, down_splits = o_rows, 1
+    half_f = f // 2
+    if (wide and batch <= 4 and (batch > 1 or tensor_cores) and half_f % block_k == 0
+            and half_f % rows_for(f) == 0):
+        down_rows, down_splits = 32, 2
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
                  tensor_cores=tensor_cores, fp16_activations=tensor_cores,
-                 o_rows=o_rows, down_rows=o_rows, gate_up_rows=rows_for(f),
-                 lm_rows=lm_rows, block_k=block_k, pipeline_stages=stages)
+                 o_rows=o_rows, down_rows=down_rows, down_splits=down_splits,
+                 gate_up_rows=rows_for(f), lm_rows=lm_rows, block_k=block_k,
+                 pipeline_stages=stages)
 
 
 @dataclass
@@ -283,6 +299,7 @@ class Plan:
             "BN_DOWN": t.down_rows,
             "BN_LM": t.lm_rows,
             "BK": t.block_k,
+            "DOWN_SPLITS": t.down_splits,
             "BS": t.block_s,
             "USE_DOT": self.use_dot,
             "KSPLIT": self.dot_ksplit(min(t.o_rows, t.down_rows, 2 * t.gate_up_rows,
@@ -389,17 +406,21 @@ def make_plan(
     streamed: Counter[Op] = Counter()
     size = torch.empty((), dtype=dtype).element_size()
 
-    def matrix_bytes(rows: int, k: int, quantized: bool) -> int:
-        """Bytes of `rows` rows of a matrix with `k` inputs: codes + fp16 scales + zeros."""
+    def matrix_bytes(rows: int, k: int, quantized: bool, row_scales: bool) -> int:
+        """Bytes of `rows` rows of a matrix with `k` inputs: codes + fp16 scales + zeros
+        (per-row scales counted once per row, by the part of it with row_scales)."""
         if not quantized:
             return rows * k * size
-        groups = rows * quant.groups(k)
+        if quant.group_size:
+            groups = rows * quant.groups(k)
+        else:
+            groups = rows if row_scales else 0
         return rows * k * quant.bits // 8 + groups * 2 + (0 if quant.symmetric else groups)
 
-    def add(task: Task, *, rows: int = 0, k: int = 0) -> None:
+    def add(task: Task, *, rows: int = 0, k: int = 0, first_part: bool = True) -> None:
         tasks.append(task)
         quantized = quant is not None and (task.op != Op.LMHEAD or quant.lm_head)
-        streamed[task.op] += matrix_bytes(rows, k, quantized)
+        streamed[task.op] += matrix_bytes(rows, k, quantized, first_part)
 
     def rows_of(total: int, tile: int) -> list[tuple[int, int]]:
         return [(i, min(tile, total - i * tile)) for i in range(math.ceil(total / tile))]
@@ -453,15 +474,27 @@ def make_plan(
             add(Task(Op.OPROJ, layer, tile, 0, 0, merged, ctr.targets[merged],
                      ctr.signal(o_done)), rows=rows, k=c.q_size)
 
-        up_done = ctr.new(f"L{layer}.gateup")
+        # Gate/up tiles signal the part of F their outputs fall in; down tasks of part j
+        # wait for that part only (down_splits 1: the whole stage).
+        splits, f_part = t.down_splits, f // t.down_splits
+        up_done = [ctr.new(f"L{layer}.gateup[f{j}]") for j in range(splits)]
         for tile, rows in rows_of(f, t.gate_up_rows):
             add(Task(Op.GATEUP, layer, tile, 0, 0, o_done, ctr.targets[o_done],
-                     ctr.signal(up_done)), rows=2 * rows, k=d)
+                     ctr.signal(up_done[tile * t.gate_up_rows // f_part])), rows=2 * rows, k=d)
 
         down_done = ctr.new(f"L{layer}.down")
-        for tile, rows in rows_of(d, t.down_rows):
-            add(Task(Op.DOWN, layer, tile, 0, 0, up_done, ctr.targets[up_done],
-                     ctr.signal(down_done)), rows=rows, k=f)
+        down_tiles = rows_of(d, t.down_rows)
+        arrivals = [NO_COUNTER] * len(down_tiles)
+        if splits > 1:
+            for tile, _ in down_tiles:
+                arrivals[tile] = ctr.new(f"L{layer}.down[t{tile}].arrive")
+                ctr.targets[arrivals[tile]] = splits
+        for j in range(splits):
+            for tile, rows in down_tiles:
+                if j == 0:  # one signal per row tile (split: by the last part to arrive)
+                    ctr.signal(down_done)
+                add(Task(Op.DOWN, layer, tile, j, 0, up_done[j], ctr.targets[up_done[j]],
+                         down_done, arrivals[tile]), rows=rows, k=f_part, first_part=j == 0)
         prev_ctr, prev_target = down_done, ctr.targets[down_done]
 
     logits_done = ctr.new("lmhead")
@@ -511,6 +544,14 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         raise ValueError(f"qkv_rows={t.qkv_rows} must divide head_dim={config.head_dim}")
     if t.kv_splits < 1:
         raise ValueError(f"kv_splits={t.kv_splits} must be >= 1")
+    f = config.intermediate_size
+    if t.down_splits < 1 or (t.down_splits > 1 and (
+            f % (t.down_splits * t.block_k) or (f // t.down_splits) % t.gate_up_rows)):
+        raise ValueError(
+            f"down_splits={t.down_splits} must be >= 1 and, above 1, cut intermediate_size={f} "
+            f"into parts of whole k-chunks (block_k={t.block_k}) and whole gate/up tiles "
+            f"(gate_up_rows={t.gate_up_rows}); use 1 or a divisor that does"
+        )
 
 
 def _tensor_cores_ok(quant: QuantScheme, batch: int) -> bool:

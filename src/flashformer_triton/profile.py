@@ -133,13 +133,16 @@ def profile_step(
     device: torch.device | str = "cuda",
     seed: int = 0,
     steps: int = 3,
+    quant=None,
 ) -> tuple[Plan, torch.Tensor]:
-    """Run `steps` decode steps of `config` with random weights and a random KV cache, every
-    sequence at position `pos`, with the timeline on (the first step compiles, the last is
-    recorded). Returns the plan and the records of the last step ([num_tasks, 5] int64 on the
-    device), ready for `summarize` and `gantt_png`. GPU only."""
+    """Run `steps` decode steps of `config` with random weights (quantized with `quant`, a
+    QuantScheme, if given) and a random KV cache, every sequence at position `pos`, with the
+    timeline on (the first step compiles, the last is recorded). Returns the plan and the
+    records of the last step ([num_tasks, 5] int64 on the device), ready for `summarize` and
+    `gantt_png`. GPU only."""
     from flashformer_triton.loading import random_state_dict
     from flashformer_triton.plan import GpuSpec, make_plan
+    from flashformer_triton.quantize import quantize_state
     from flashformer_triton.runtime import DecodeRuntime
     from flashformer_triton.weights import pack_weights
 
@@ -150,10 +153,12 @@ def profile_step(
     if not 0 <= pos < max_seq_len:
         raise ValueError(f"pos={pos} must lie in [0, max_seq_len={max_seq_len})")
     state = random_state_dict(config, seed=seed, dtype=dtype, device=device)
+    if quant is not None:
+        state = quantize_state(config.num_layers, state, quant, tied=config.tie_word_embeddings)
     weights = pack_weights(config, state, dtype=dtype, device=device)
     del state
     plan = make_plan(config, batch=batch, max_seq_len=max_seq_len, dtype=dtype,
-                     gpu=GpuSpec.current(device), profile=1)
+                     gpu=GpuSpec.current(device), quant=weights.scheme, profile=1)
     shape = (config.num_layers, batch, config.num_kv_heads, max_seq_len, config.head_dim)
     k = torch.randn(shape, dtype=dtype, device=device)
     runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))

@@ -129,6 +129,8 @@ class DecodeRuntime:
         self.part_m = torch.empty(B, c.num_heads, splits, **f32)
         self.part_l = torch.empty(B, c.num_heads, splits, **f32)
         self.part_o = torch.empty(B, c.num_heads, splits, c.head_dim, **f32)
+        down_splits = plan.tiles.down_splits
+        self.partial = torch.empty(down_splits, B, c.hidden_size if down_splits > 1 else 1, **f32)
         # Timeline records [program, SM, start, ready, end] per task (plan tile `profile`).
         if plan.tiles.profile and dev.type != "cuda":
             raise ValueError("the timeline profile reads GPU timers: it needs a CUDA device")
@@ -147,7 +149,7 @@ class DecodeRuntime:
                 "xn_attn": self.xn_attn, "ss_attn": self.ss_attn, "q": self.q,
                 "qk_raw": self.qk_raw, "attn": self.attn, "act": self.act,
                 "logits": self.logits, "part_m": self.part_m, "part_l": self.part_l,
-                "part_o": self.part_o}
+                "part_o": self.part_o, "partial": self.partial}
 
     def launch(self) -> None:
         """One decode step from the ids/pos buffers: exactly one kernel launch."""
@@ -161,7 +163,7 @@ class DecodeRuntime:
             self.h, self.xn_mlp, self.ss_mlp, self.xn_attn, self.ss_attn, self.q, self.qk_raw,
             self.attn,
             self.act, self.logits,
-            self.part_m, self.part_l, self.part_o, self.timeline,
+            self.part_m, self.part_l, self.part_o, self.partial, self.timeline,
             num_warps=self.plan.tiles.num_warps,
             **self._launch_options,
             **self._constexprs,
