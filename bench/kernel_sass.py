@@ -40,8 +40,10 @@ TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
                torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 
 
-def pointer_types(scheme: QuantScheme | None, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The element type of every pointer argument, as DecodeRuntime passes them."""
+def pointer_types(scheme: QuantScheme | None, dtype: torch.dtype,
+                  acts: torch.dtype) -> dict[str, torch.dtype]:
+    """The element type of every pointer argument, as DecodeRuntime passes them (acts: the
+    plan's activation dtype)."""
     f32, i32 = torch.float32, torch.int32
     codes = scheme.storage_dtype if scheme else dtype
     lm = codes if scheme and scheme.lm_head else dtype
@@ -49,15 +51,15 @@ def pointer_types(scheme: QuantScheme | None, dtype: torch.dtype) -> dict[str, t
                 arena_ptr=codes, scales_ptr=torch.float16, zeros_ptr=torch.uint8, norms_ptr=f32,
                 bias_ptr=f32, embed_ptr=dtype, lm_head_ptr=lm, lm_scales_ptr=torch.float16,
                 lm_zeros_ptr=torch.uint8, inv_freq_ptr=f32, k_cache_ptr=dtype,
-                v_cache_ptr=dtype, h_ptr=f32, xn_mlp_ptr=dtype, ss_mlp_ptr=f32,
-                xn_attn_ptr=dtype, ss_attn_ptr=f32, q_ptr=f32, attn_ptr=dtype, act_ptr=dtype,
-                logits_ptr=f32, part_m_ptr=f32, part_l_ptr=f32, part_o_ptr=f32,
-                prof_ptr=torch.int64)
+                v_cache_ptr=dtype, h_ptr=f32, xn_mlp_ptr=acts, ss_mlp_ptr=f32,
+                xn_attn_ptr=acts, ss_attn_ptr=f32, q_ptr=f32, qk_raw_ptr=f32, attn_ptr=acts,
+                act_ptr=acts, logits_ptr=f32, part_m_ptr=f32, part_l_ptr=f32, part_o_ptr=f32,
+                partial_ptr=f32, prof_ptr=torch.int64)
 
 
 def compile_kernel(plan, scheme, dtype=torch.bfloat16):
     fn = decode.decode_step_kernel
-    pointers = pointer_types(scheme, dtype)
+    pointers = pointer_types(scheme, dtype, plan.activation_dtype)
     constexprs = plan.constexprs()
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
@@ -66,6 +68,8 @@ def compile_kernel(plan, scheme, dtype=torch.bfloat16):
         elif name in pointers:
             signature[name] = "*" + TRITON_TYPE[pointers[name]]
             attrs[(index,)] = [["tt.divisibility", 16]]  # torch allocations are aligned
+        elif name.endswith("_ptr"):
+            raise KeyError(f"pointer_types() has no element type for the kernel's {name}")
         else:
             signature[name] = "i32"
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
