@@ -103,6 +103,15 @@ def _signal(counters_ptr, counter):
         tl.atomic_add(counters_ptr + counter, 1, sem="release", scope="gpu")
 
 
+@triton.jit
+def _arrive(counters_ptr, counter):
+    """Publish this task's stores and arrive on an arrival counter (the task's aux counter):
+    returns how many arrived before; the last one (acquiring the others' stores) finishes the
+    work of all of them."""
+    tl.debug_barrier()
+    return tl.atomic_add(counters_ptr + counter, 1, sem="acq_rel", scope="gpu")
+
+
 # ---------------------------------------------------------------- GEMV building blocks
 # A GEMV reads its activations x [B, K] in the model dtype, already multiplied by the RMSNorm
 # weights where a norm comes first: the tasks that write the residual stream publish them
@@ -542,9 +551,7 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     if normed_head:
         tl.store(qk_raw_ptr + bidx[:, None] * QK_ROWS + rows[None, :], acc,
                  mask=(bidx < B)[:, None])
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counters_ptr + arrive_ctr, 1, sem="acq_rel", scope="gpu")
-        if arrived == HD // BN_QKV - 1:
+        if _arrive(counters_ptr, arrive_ctr) == HD // BN_QKV - 1:
             head_rows = head * HD + tl.arange(0, HD)
             whole = tl.load(qk_raw_ptr + bidx[:, None] * QK_ROWS + head_rows[None, :],
                             mask=(bidx < B)[:, None], other=0.0, cache_modifier=".cg")
@@ -720,9 +727,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
             offs = bidx[:, None] * D + rows[None, :]
             mask = (bidx < B)[:, None] & (rows < D)[None, :]
             tl.store(partial_ptr + part * (B * D) + offs, acc, mask=mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counters_ptr + arrive_ctr, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLITS - 1:
+            if _arrive(counters_ptr, arrive_ctr) == SPLITS - 1:
                 total = tl.zeros([BP, BN], dtype=tl.float32)
                 for p in range(SPLITS):
                     total += tl.load(partial_ptr + p * (B * D) + offs, mask=mask, other=0.0,
@@ -815,9 +820,7 @@ def decode_step_kernel(
                               NSPLIT, SM_SCALE, BS, DOT_PREC)
                 # Publish the partial; the split that arrives last (acquiring the others')
                 # merges all of them in split order and signals the layer's merge counter.
-                tl.debug_barrier()
-                arrived = tl.atomic_add(counters_ptr + aux_ctr, 1, sem="acq_rel", scope="gpu")
-                if arrived == NSPLIT - 1:
+                if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
                     _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH, HD,
                                 GP, NSPLIT, NSPLIT_P)
                     _signal(counters_ptr, signal_ctr)

@@ -7,13 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import GPU_ORACLE as ORACLE
-from helpers import HAS_CUDA
-from test_gpu_shapes import check_step
-
-from flashformer_triton.config import preset
-from flashformer_triton.loading import random_state_dict
-from flashformer_triton.reference import ReferenceModel
-from flashformer_triton.weights import pack_weights
+from test_gpu_shapes import check_step, random_model
 
 pytestmark = pytest.mark.gpu
 
@@ -23,15 +17,8 @@ QWEN3_MAX_SEQ = 1024
 @pytest.fixture(scope="module")
 def qwen3():
     """Qwen3-8B (qk-norm heads split over QKV tasks), a short cache: up to batch 16."""
-    if not HAS_CUDA:
-        pytest.skip("needs CUDA")
-    config = preset("qwen3-8b")
-    state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
-    weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
-    ref = ReferenceModel(config, state, max_batch_size=16, max_seq_len=QWEN3_MAX_SEQ,
-                         dtype=torch.bfloat16, device="cuda")
-    del state
-    torch.cuda.empty_cache()
+    config, weights, ref = random_model("qwen3-8b", max_batch=16, max_seq=QWEN3_MAX_SEQ,
+                                        ref_dtype=torch.bfloat16)
     yield config, weights, ref, ORACLE["llama-3.1-8b"][1]
     del weights, ref
     torch.cuda.empty_cache()

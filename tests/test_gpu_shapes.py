@@ -20,18 +20,27 @@ pytestmark = pytest.mark.gpu
 MAX_SEQ = 32064  # room for position 32000
 
 
-@pytest.fixture(scope="module", params=list(ORACLE))
-def model(request):
+def random_model(shape: str, *, max_batch: int, max_seq: int, ref_dtype: torch.dtype,
+                 **ref_options):
+    """Random bf16 weights of a preset shape, packed for the kernel, and the reference model
+    on the same weights (GPU only)."""
     if not HAS_CUDA:
         pytest.skip("needs CUDA")
-    config = preset(request.param)
-    ref_dtype, tolerance = ORACLE[request.param]
+    config = preset(shape)
     state = random_state_dict(config, seed=0, dtype=torch.bfloat16, device="cuda")
     weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
-    ref = ReferenceModel(config, state, max_batch_size=8, max_seq_len=MAX_SEQ,
-                         dtype=ref_dtype, device="cuda", check_positions=False)
+    ref = ReferenceModel(config, state, max_batch_size=max_batch, max_seq_len=max_seq,
+                         dtype=ref_dtype, device="cuda", **ref_options)
     del state
     torch.cuda.empty_cache()
+    return config, weights, ref
+
+
+@pytest.fixture(scope="module", params=list(ORACLE))
+def model(request):
+    ref_dtype, tolerance = ORACLE[request.param]
+    config, weights, ref = random_model(request.param, max_batch=8, max_seq=MAX_SEQ,
+                                        ref_dtype=ref_dtype, check_positions=False)
     yield config, weights, ref, tolerance
     del weights, ref
     torch.cuda.empty_cache()

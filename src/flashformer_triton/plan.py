@@ -181,15 +181,16 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # tiles are done, which fills the gate/up stage's last round (8B int8 3.55 -> 3.45 ms,
     # int4 2.97 -> 2.88, batch 4 int8 3.77 -> 3.63, bf16 5.85 -> 5.77; the FMA path at bf16
     # batch 1 spills with 32 rows: 5.72 -> 5.85; 1B: no gain; bench/NOTES.md row 30).
+    gate_up_rows = rows_for(f)
     down_rows, down_splits = o_rows, 1
     half_f = f // 2
     if (wide and batch <= 4 and (batch > 1 or tensor_cores) and half_f % block_k == 0
-            and half_f % rows_for(f) == 0):
+            and half_f % gate_up_rows == 0):
         down_rows, down_splits = 32, 2
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
                  tensor_cores=tensor_cores, fp16_activations=tensor_cores,
                  o_rows=o_rows, down_rows=down_rows, down_splits=down_splits,
-                 gate_up_rows=rows_for(f), lm_rows=lm_rows, block_k=block_k,
+                 gate_up_rows=gate_up_rows, lm_rows=lm_rows, block_k=block_k,
                  pipeline_stages=stages)
 
 
@@ -371,6 +372,13 @@ class _Counters:
         self.targets[counter] += 1
         return counter
 
+    def arrival(self, name: str, count: int) -> int:
+        """A counter that `count` tasks arrive on (a task's aux_counter): the last of them
+        finishes the work of all and signals for them."""
+        counter = self.new(f"{name}.arrive")
+        self.targets[counter] = count
+        return counter
+
 
 def make_plan(
     config: ModelConfig,
@@ -445,8 +453,7 @@ def make_plan(
                 if c.qk_norm and head < c.num_heads + c.num_kv_heads:
                     # qk-norm spans the head: its chunks arrive here, the last one norms,
                     # rotates and stores the head and signals the group (once per head).
-                    arrivals = ctr.new(f"L{layer}.qkv[h{head}].arrive")
-                    ctr.targets[arrivals] = chunks
+                    arrivals = ctr.arrival(f"L{layer}.qkv[h{head}]", chunks)
                     ctr.signal(group_ctrs[group])
                 for chunk in range(chunks):
                     if arrivals == NO_COUNTER:
@@ -462,8 +469,7 @@ def make_plan(
             for seq in range(batch):
                 # Each split arrives here; the one that brings it to kv_splits merges and
                 # signals `merged` (once per sequence and kv head).
-                arrivals = ctr.new(f"L{layer}.attn[b{seq},g{g}].arrive")
-                ctr.targets[arrivals] = t.kv_splits
+                arrivals = ctr.arrival(f"L{layer}.attn[b{seq},g{g}]", t.kv_splits)
                 for split in range(t.kv_splits):
                     add(Task(Op.ATTN, layer, seq, g, split, group_ctrs[g],
                              ctr.targets[group_ctrs[g]], merged, arrivals))
@@ -484,11 +490,8 @@ def make_plan(
 
         down_done = ctr.new(f"L{layer}.down")
         down_tiles = rows_of(d, t.down_rows)
-        arrivals = [NO_COUNTER] * len(down_tiles)
-        if splits > 1:
-            for tile, _ in down_tiles:
-                arrivals[tile] = ctr.new(f"L{layer}.down[t{tile}].arrive")
-                ctr.targets[arrivals[tile]] = splits
+        arrivals = [ctr.arrival(f"L{layer}.down[t{tile}]", splits) if splits > 1
+                    else NO_COUNTER for tile, _ in down_tiles]
         for j in range(splits):
             for tile, rows in down_tiles:
                 if j == 0:  # one signal per row tile (split: by the last part to arrive)
