@@ -16,9 +16,19 @@ from pathlib import Path
 
 import torch
 from bench_quant import SCHEMES
+from sweep import parse
 
 from flashformer_triton.config import preset
 from flashformer_triton.profile import gantt_png, profile_step, summarize
+
+
+def between_tasks_us(timeline: torch.Tensor) -> float:
+    """Mean time from a task's end to the start of its program's next task (the pop)."""
+    rec = timeline.cpu().double()
+    order = torch.argsort(rec[:, 0] * 1e15 + rec[:, 2])
+    rec = rec[order]
+    same = rec[1:, 0] == rec[:-1, 0]
+    return float(((rec[1:, 2] - rec[:-1, 4])[same]).mean()) / 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--pos", type=int, default=512)
     parser.add_argument("--weights", default="bf16", choices=list(SCHEMES))
+    parser.add_argument("--tiles", default="", help="plan tiles, e.g. static_schedule=1")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -34,19 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # compile, warm up, then the recorded step (the same code as `flashformer-triton profile`)
     plan, timeline = profile_step(preset(args.shape), batch=args.batch, pos=args.pos,
-                                  quant=SCHEMES[args.weights])
+                                  quant=SCHEMES[args.weights], tiles=parse(args.tiles))
     summary = summarize(plan, timeline)
-    print(f"{args.shape} {args.weights} batch {args.batch} pos {args.pos}")
+    print(f"{args.shape} {args.weights} batch {args.batch} pos {args.pos} {args.tiles}")
     print(summary.format())
+    print(f"between tasks (a program's end to its next start): "
+          f"{between_tasks_us(timeline):.2f} us")
     args.out.mkdir(parents=True, exist_ok=True)
     records = timeline.cpu().tolist()
-    (args.out / f"timeline-{args.shape}-{args.weights}.json").write_text(json.dumps(
+    tag = f"-{args.tiles.replace('=', '').replace(',', '-')}" if args.tiles else ""
+    (args.out / f"timeline-{args.shape}-{args.weights}{tag}.json").write_text(json.dumps(
         {"shape": args.shape, "weights": args.weights, "batch": args.batch, "pos": args.pos,
          "fields": ["program", "sm", "start_ns", "ready_ns", "end_ns"],
          "ops": [int(t.op) for t in plan.tasks], "layers": [t.layer for t in plan.tasks],
          "records": records}))
     try:
-        gantt_png(plan, timeline, str(args.out / f"timeline-{args.shape}-{args.weights}.png"))
+        gantt_png(plan, timeline, str(args.out / f"timeline-{args.shape}-{args.weights}{tag}.png"))
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
     return 0

@@ -96,6 +96,18 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr,
 
 
 @triton.jit
+def _task_row(tasks_ptr, task, n_tasks):
+    """The task's row (zeros past the end of the table)."""
+    row = tasks_ptr + task * TASK_COLS
+    live = task < n_tasks
+    return (tl.load(row + 0, mask=live, other=0), tl.load(row + 1, mask=live, other=0),
+            tl.load(row + 2, mask=live, other=0), tl.load(row + 3, mask=live, other=0),
+            tl.load(row + 4, mask=live, other=0), tl.load(row + 5, mask=live, other=0),
+            tl.load(row + 6, mask=live, other=0), tl.load(row + 7, mask=live, other=0),
+            tl.load(row + 8, mask=live, other=0))
+
+
+@triton.jit
 def _signal(counters_ptr, counter):
     """Publish this task's stores: every thread's writes, then one release increment."""
     tl.debug_barrier()
@@ -467,12 +479,21 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
 
 
 @triton.jit
-def _prefetch_l2(w_ptr, rows, row_mask, K, k0, PF_K: tl.constexpr):
+def _prefetch_l2(w_ptr, rows, row_mask, K, k0, PF_K: tl.constexpr, WBITS: tl.constexpr):
     """Hint HBM -> L2 for columns [k0, k0 + PF_K) of the tile's rows (one address per 128-byte
-    line of bf16), issued before a spin-wait so the wait streams the weights it will need."""
-    cols = tl.minimum(k0 + tl.arange(0, PF_K // 64) * 64, K - 1)
+    line of the stored codes), issued before a spin-wait so that the first chunks after it
+    come from L2. int4 rows hold two columns per byte."""
+    BITS: tl.constexpr = WBITS if WBITS > 0 else w_ptr.dtype.element_ty.primitive_bitwidth
+    PER_LINE: tl.constexpr = 1024 // BITS  # columns per 128-byte line
+    cols = tl.minimum(k0 + tl.arange(0, PF_K // PER_LINE) * PER_LINE, K - 1)
+    if WBITS == 4:
+        offs = cols // 2
+        row_len = K // 2
+    else:
+        offs = cols
+        row_len = K
     safe_rows = tl.where(row_mask, rows, 0)
-    ptrs = w_ptr + safe_rows[:, None] * K + cols[None, :]
+    ptrs = w_ptr + safe_rows[:, None] * row_len + offs[None, :]
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
 
@@ -712,7 +733,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     k_lo = part * KPART
     w0 = _load_w(w_ptr, rows, rows < D, K, k_lo, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     if PF_K > 0:
-        _prefetch_l2(w_ptr, rows, rows < D, K, k_lo + BK, PF_K)
+        _prefetch_l2(w_ptr, rows, rows < D, K, k_lo + BK, PF_K, WBITS)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
              IGNORE_DEPS, PROFILE):
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, k_lo, k_lo + KPART, w0, x_ptr, B,
@@ -767,6 +788,7 @@ def decode_step_kernel(
     KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O_P: tl.constexpr,
     PARTS_DOWN_P: tl.constexpr,
     PTX: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
+    STATIC: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -777,18 +799,18 @@ def decode_step_kernel(
     PARTS_DOWN: tl.constexpr = (D + BN_DOWN - 1) // BN_DOWN
 
     # Pops are relaxed (no fence): the table is read-only and the counters order the data.
-    task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1, sem="relaxed", scope="gpu")
+    # STATIC: program p runs tasks p, p + grid, ... with no pop, and its next task's row
+    # streams in while this one runs (every program must be resident: runtime.py's grid).
+    if STATIC:
+        task = tl.program_id(0)
+    else:
+        task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1, sem="relaxed", scope="gpu")
+    fields = _task_row(tasks_ptr, task, n_tasks)
     while task < n_tasks:
-        row = tasks_ptr + task * TASK_COLS
-        op = tl.load(row + 0)
-        layer = tl.load(row + 1)
-        a = tl.load(row + 2)
-        b = tl.load(row + 3)
-        c = tl.load(row + 4)
-        wait_ctr = tl.load(row + 5)
-        wait_target = tl.load(row + 6)
-        signal_ctr = tl.load(row + 7)
-        aux_ctr = tl.load(row + 8)
+        op, layer, a, b, c, wait_ctr, wait_target, signal_ctr, aux_ctr = fields
+        if STATIC:
+            task_next = task + tl.num_programs(0)
+            fields = _task_row(tasks_ptr, task_next, n_tasks)
         layer_w = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
         layer_s = scales_ptr + layer.to(tl.int64) * SCALE_STRIDE
         layer_z = zeros_ptr + layer.to(tl.int64) * SCALE_STRIDE
@@ -803,7 +825,7 @@ def decode_step_kernel(
             w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP,
                              USE_DOT, KSPLIT_QKV)
             if PF_K > 0:
-                _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K)
+                _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K, WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 _qkv(layer, a, b, w0_qkv, layer_w, layer_s, layer_z, norms_ptr, bias_ptr,
@@ -840,7 +862,7 @@ def decode_step_kernel(
             w_gu = layer_w + OFF_GU
             w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
             if PF_K > 0:
-                _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K)
+                _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K, WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
@@ -870,7 +892,7 @@ def decode_step_kernel(
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP,
                             USE_DOT, KSPLIT)
             if PF_K > 0:
-                _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K)
+                _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K, LM_WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
@@ -889,7 +911,11 @@ def decode_step_kernel(
                 _signal(counters_ptr, signal_ctr)
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))
-        task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1, sem="relaxed", scope="gpu")
+        if STATIC:
+            task = task_next
+        else:
+            task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1, sem="relaxed", scope="gpu")
+            fields = _task_row(tasks_ptr, task, n_tasks)
 
     # The last program out leaves the queue and counters at zero for the next launch.
     leaving = tl.atomic_add(ctrl_ptr + CTRL_DONE, 1, sem="acq_rel", scope="gpu")

@@ -10,6 +10,7 @@ the kernel's cache, and from there each keeps its own cache.
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from flashformer_triton.quantize import (
     quantize_state,
 )
 from flashformer_triton.reference import ReferenceModel
-from flashformer_triton.runtime import DecodeRuntime, KernelHangError
+from flashformer_triton.runtime import DecodeRuntime, KernelHangError, resident_programs_per_sm
 from flashformer_triton.weights import pack_weights
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -171,6 +172,34 @@ def test_down_projection_split_over_f(batch: str, dtype: torch.dtype) -> None:
     pair = _pair("llama", batch=len(lengths), dtype=dtype, down_splits=5, block_k=32)
     assert pair.config.intermediate_size == 160
     _run_and_compare(pair, lengths, steps=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("static", [0, 1])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_static_schedule_and_queue_match(batch: str, static: int) -> None:
+    """static_schedule=1: each program walks its fixed share of the table (no queue pops);
+    0: programs pop task ids from the queue."""
+    lengths = BATCHES[batch]
+    pair = _pair("llama", batch=len(lengths), dtype=torch.float32, static_schedule=static)
+    assert pair.plan.constexprs()["STATIC"] == bool(static)
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("n_regs", "shared", "warps", "expected"),
+    [
+        (255, 80 * 1024, 4, 2),  # registers and shared memory both allow two
+        (168, 0, 4, 3),  # 168 x 32 = 21 units of 256 per warp: 65536 // (4 x 5376)
+        (64, 0, 4, 8),  # 65536 // (4 x 2048)
+        (32, 0, 4, 16),  # threads: 2048 // 128
+        (64, 120 * 1024, 4, 1),  # shared memory
+        (255, 0, 8, 1),
+    ],
+)
+def test_resident_programs_per_sm(n_regs: int, shared: int, warps: int, expected: int) -> None:
+    h100 = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                           shared_memory_per_multiprocessor=228 * 1024)
+    assert resident_programs_per_sm(n_regs, shared, warps, h100) == expected
 
 
 def test_two_runs_are_bitwise_equal() -> None:

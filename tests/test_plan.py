@@ -9,7 +9,14 @@ import torch
 
 from flashformer_triton.config import PRESETS, UnsupportedModelError, preset
 from flashformer_triton.loading import random_state_dict
-from flashformer_triton.plan import NO_COUNTER, TASK_FIELDS, GpuSpec, Op, make_plan
+from flashformer_triton.plan import (
+    NO_COUNTER,
+    TASK_FIELDS,
+    GpuSpec,
+    Op,
+    default_tiles,
+    make_plan,
+)
 from flashformer_triton.weights import pack_weights
 
 H100 = GpuSpec("NVIDIA H100 80GB HBM3", 132)
@@ -108,6 +115,29 @@ def test_summary_is_one_screen(plan) -> None:
     text = plan.summary()
     assert len(text.splitlines()) <= 12
     assert f"{plan.num_tasks} tasks" in text and "GB" in text
+
+
+@pytest.mark.parametrize(
+    ("shape", "batch", "weights", "expected"),
+    [
+        # Down projection in halves of F with about one task per program, where the FMA path
+        # keeps 16 rows or fewer; L2 hints of a quarter of the hidden size (512..1024).
+        ("llama-3.2-1b", 1, None, dict(down_splits=2, down_rows=16, l2_prefetch_k=512)),
+        ("llama-3.1-8b", 1, None, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024)),
+        ("llama-3.1-8b", 1, "int8", dict(down_splits=2, down_rows=32, tensor_cores=1)),
+        ("llama-3.1-8b", 4, None, dict(down_splits=2, down_rows=32)),
+        ("llama-3.1-8b", 16, None, dict(down_splits=1, down_rows=32, o_rows=32)),
+        ("llama-3.2-1b", 16, None, dict(down_splits=1, down_rows=16)),
+    ],
+)
+def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None,
+                                  expected: dict) -> None:
+    from flashformer_triton.quantize import QuantScheme
+
+    quant = QuantScheme(bits=8) if weights == "int8" else None
+    tiles = default_tiles(preset(shape), batch, 4096, H100, quant)
+    assert tiles.static_schedule == 1
+    assert {name: getattr(tiles, name) for name in expected} == expected
 
 
 @pytest.mark.parametrize(

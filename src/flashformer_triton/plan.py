@@ -99,6 +99,9 @@ class Tiles:
     # 1: a quantized bf16 model stores its GEMV inputs (normed h, attention, SwiGLU) in fp16,
     # the tensor-core operand dtype of the codes, so the loops need not convert x per chunk.
     fp16_activations: int = 0
+    # 1: program p runs tasks p, p + grid, p + 2 grid, ... instead of popping the queue (no
+    # pop round trip; every program must be resident at once).
+    static_schedule: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,18 +179,29 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
     wide = d // 32 >= gpu.num_sms * 0.9  # 32-row tiles still give a task per SM
     o_rows = 32 if batch > 8 and wide else rows_for(d)
-    # On tensor cores at batch <= 4 (8B: quantized batch 1, batch 4), the down projection
-    # in two halves of F, 32 rows each (as many tasks): a half starts as soon as its gate/up
-    # tiles are done, which fills the gate/up stage's last round (8B int8 3.55 -> 3.45 ms,
-    # int4 2.97 -> 2.88, batch 4 int8 3.77 -> 3.63, bf16 5.85 -> 5.77; the FMA path at bf16
-    # batch 1 spills with 32 rows: 5.72 -> 5.85; 1B: no gain; bench/NOTES.md row 30).
+    # At batch <= 4 the down projection in two halves of F, with rows for about one task per
+    # program (1B: 16, 8B: 32): a half starts as soon as its gate/up tiles are done, which
+    # fills the gate/up stage's last round (8B int8 3.55 -> 3.45 ms, int4 2.97 -> 2.88, batch
+    # 4 int8 3.77 -> 3.63; 1B bf16 1.120 -> 1.087, int8 0.850 -> 0.826). Not where that
+    # needs more than 16 rows on the FMA path: 8B bf16 batch 1 spills (5.72 -> 5.85 ms).
+    # (bench/NOTES.md rows 30, 36.)
     gate_up_rows = rows_for(f)
     down_rows, down_splits = o_rows, 1
     half_f = f // 2
-    if (wide and batch <= 4 and (batch > 1 or tensor_cores) and half_f % block_k == 0
-            and half_f % gate_up_rows == 0):
-        down_rows, down_splits = 32, 2
+    use_dot = batch > 1 or tensor_cores
+    split_rows = max(16 if use_dot else 2, _pow2(math.ceil(2 * d / programs)))
+    if (batch <= 4 and half_f % block_k == 0 and half_f % gate_up_rows == 0
+            and split_rows <= (32 if use_dot else 16)):
+        down_rows, down_splits = split_rows, 2
+    # Before its wait a task hints the next columns of its tile into L2, so the chunks after
+    # the first come from L2 once the wait ends: a quarter of the hidden size, 512..1024
+    # columns (1B bf16 1.140 -> 1.118 ms, 8B 5.72 -> 5.59, 8B int8 3.45 -> 3.34; a whole
+    # tile: slower, bench/NOTES.md rows 34-35).
+    l2_prefetch_k = max(512, min(1024, _pow2(d // 4)))
+    # Static schedule (each program a fixed share of the table, no queue pops, next row
+    # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
+                 l2_prefetch_k=l2_prefetch_k, static_schedule=1,
                  tensor_cores=tensor_cores, fp16_activations=tensor_cores,
                  o_rows=o_rows, down_rows=down_rows, down_splits=down_splits,
                  gate_up_rows=gate_up_rows, lm_rows=lm_rows, block_k=block_k,
@@ -311,11 +325,12 @@ class Plan:
             "DOT_PREC": "ieee" if self.dtype == torch.float32 else "tf32",
             "QKV_BIAS": c.qkv_bias,
             "QK_NORM": c.qk_norm,
-            "PF_K": t.l2_prefetch_k if ptx and not quant else 0,  # (a hint: same results)
+            "PF_K": t.l2_prefetch_k if ptx else 0,  # (a hint: same results)
             "PTX": ptx,
             "STAGES": t.pipeline_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
             "PROFILE": bool(t.profile),
+            "STATIC": bool(t.static_schedule),
         }
 
     # What one step must read: the floor of a memory-bound step.
@@ -505,7 +520,9 @@ def make_plan(
         add(Task(Op.LMHEAD, c.num_layers, tile, 0, 0, prev_ctr, prev_target,
                  ctr.signal(logits_done)), rows=rows, k=d)
 
-    grid = gpu.num_sms * t.programs_per_sm if gpu.num_sms > 1 else 2
+    # The interpreter runs programs one after another: a static schedule needs just one there.
+    grid = (gpu.num_sms * t.programs_per_sm if gpu.num_sms > 1
+            else 1 if t.static_schedule else 2)
     return Plan(
         config=config, batch=batch, max_seq_len=max_seq_len, dtype=dtype, tiles=tiles, gpu=gpu,
         tasks=tasks, counter_names=ctr.names, counter_targets=ctr.targets, grid=grid,
@@ -541,8 +558,8 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
     for name in ("block_k", "qkv_block_k", "block_s"):
         pow2(name, getattr(t, name), 16)
     pow2("qkv_rows", t.qkv_rows, min_rows if config.head_dim >= min_rows else 2)
-    if t.l2_prefetch_k:
-        pow2("l2_prefetch_k", t.l2_prefetch_k, 64)
+    if t.l2_prefetch_k:  # at least one 128-byte line of int4 codes
+        pow2("l2_prefetch_k", t.l2_prefetch_k, 256)
     if config.head_dim % t.qkv_rows:
         raise ValueError(f"qkv_rows={t.qkv_rows} must divide head_dim={config.head_dim}")
     if t.kv_splits < 1:

@@ -134,10 +134,12 @@ def profile_step(
     seed: int = 0,
     steps: int = 3,
     quant=None,
+    tiles: dict[str, int] | None = None,
 ) -> tuple[Plan, torch.Tensor]:
     """Run `steps` decode steps of `config` with random weights (quantized with `quant`, a
     QuantScheme, if given) and a random KV cache, every sequence at position `pos`, with the
-    timeline on (the first step compiles, the last is recorded). Returns the plan and the
+    timeline on (the first step compiles, the last is recorded); `tiles` overrides plan tiles.
+    Returns the plan and the
     records of the last step ([num_tasks, 5] int64 on the device), ready for `summarize` and
     `gantt_png`. GPU only."""
     from flashformer_triton.loading import random_state_dict
@@ -158,7 +160,8 @@ def profile_step(
     weights = pack_weights(config, state, dtype=dtype, device=device)
     del state
     plan = make_plan(config, batch=batch, max_seq_len=max_seq_len, dtype=dtype,
-                     gpu=GpuSpec.current(device), quant=weights.scheme, profile=1)
+                     gpu=GpuSpec.current(device), quant=weights.scheme,
+                     **{**(tiles or {}), "profile": 1})
     shape = (config.num_layers, batch, config.num_kv_heads, max_seq_len, config.head_dim)
     k = torch.randn(shape, dtype=dtype, device=device)
     runtime = DecodeRuntime(config, weights, plan, k, torch.randn_like(k))

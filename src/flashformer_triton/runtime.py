@@ -26,6 +26,19 @@ ERR_BASE = 1 << 30
 DEFAULT_MAX_SPIN = 1 << 22
 
 
+def resident_programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, props) -> int:
+    """How many programs of a compiled kernel one SM holds at once: registers (allocated per
+    warp in units of 256), threads and shared memory (plus the 1 KiB the driver reserves per
+    block) each bound it; `props` is torch.cuda.get_device_properties (H100 values where an
+    older torch lacks a field)."""
+    regs_per_warp = -(-n_regs * 32 // 256) * 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(1, regs_per_warp * num_warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    by_smem = smem // (shared_bytes + 1024)
+    return min(by_regs, by_threads, by_smem, 32)
+
+
 class KernelHangError(RuntimeError):
     """A task waited longer than the spin bound for a counter that never reached its target."""
 
@@ -138,6 +151,7 @@ class DecodeRuntime:
         self.timeline = torch.zeros(rows, 5, dtype=torch.int64, device=dev)
         self._constexprs = plan.constexprs()
         self.compiled = None  # the compiled kernel of the last launch (registers, spills)
+        self._grid: int | None = None
         cap = plan.tiles.max_registers
         self._launch_options = {"maxnreg": cap} if cap and self.device.type == "cuda" else {}
         if self.device.type == "cpu" and weights.dtype != torch.float32:
@@ -151,10 +165,9 @@ class DecodeRuntime:
                 "logits": self.logits, "part_m": self.part_m, "part_l": self.part_l,
                 "part_o": self.part_o, "partial": self.partial}
 
-    def launch(self) -> None:
-        """One decode step from the ids/pos buffers: exactly one kernel launch."""
+    def _arguments(self) -> tuple:
         w = self.weights
-        self.compiled = self.kernel[(self.plan.grid,)](
+        return (
             self.tasks, self.plan.num_tasks, self.ctrl, self.counters, self.plan.num_counters,
             self.max_spin, self.ids, self.pos,
             w.arena, w.scales, w.zeros, w.norms, w.qkv_bias, w.embed, w.lm_head, w.lm_scales,
@@ -164,6 +177,38 @@ class DecodeRuntime:
             self.attn,
             self.act, self.logits,
             self.part_m, self.part_l, self.part_o, self.partial, self.timeline,
+        )
+
+    @property
+    def grid(self) -> int:
+        """Programs per launch: the plan's grid, cut to what the compiled kernel can keep
+        resident at once on a GPU (compiles it on first use). A static schedule needs every
+        program resident (a waiting one would hold up tasks nobody else may take), and with
+        the queue more programs than fit would only start once the queue is empty."""
+        if self._grid is None:
+            self._grid = self.plan.grid
+            if self.device.type == "cuda":
+                compiled = self.kernel.warmup(*self._arguments(), grid=(self.plan.grid,),
+                                              num_warps=self.plan.tiles.num_warps,
+                                              **self._launch_options, **self._constexprs)
+                compiled._init_handles()  # loads the binary: n_regs is known from here
+                props = torch.cuda.get_device_properties(self.device)
+                regs, shared = compiled.n_regs, compiled.metadata.shared
+                per_sm = resident_programs_per_sm(regs, shared, self.plan.tiles.num_warps, props)
+                if per_sm < 1:
+                    raise RuntimeError(
+                        f"the decode kernel needs {regs} registers per thread and {shared} "
+                        f"bytes of shared memory, more than one SM of {props.name} has for a "
+                        f"program of {self.plan.tiles.num_warps} warps: use smaller tiles "
+                        f"(block_k, pipeline_stages) or fewer warps"
+                    )
+                self._grid = min(self.plan.grid, per_sm * props.multi_processor_count)
+        return self._grid
+
+    def launch(self) -> None:
+        """One decode step from the ids/pos buffers: exactly one kernel launch."""
+        self.compiled = self.kernel[(self.grid,)](
+            *self._arguments(),
             num_warps=self.plan.tiles.num_warps,
             **self._launch_options,
             **self._constexprs,
