@@ -185,6 +185,19 @@ def test_static_schedule_and_queue_match(batch: str, static: int) -> None:
     _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
 
 
+def test_grid_is_cut_to_the_resident_programs() -> None:
+    """32 programs per SM cannot all be resident (4 warps each: 16 fit by threads alone); a
+    static schedule over the plan's grid would wait on programs that never start, so the
+    runtime launches only as many as fit (the interpreter: one)."""
+    pair = _pair("llama", batch=1, dtype=torch.float32, programs_per_sm=32)
+    if DEVICE == "cuda":
+        assert pair.runtime.grid <= 16 * torch.cuda.get_device_properties(0).multi_processor_count
+        assert pair.runtime.grid < pair.plan.grid
+    else:
+        assert pair.runtime.grid == pair.plan.grid == 1
+    _run_and_compare(pair, [4], steps=2, dtype=torch.float32)
+
+
 @pytest.mark.parametrize(
     ("n_regs", "shared", "warps", "expected"),
     [

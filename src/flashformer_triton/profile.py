@@ -138,10 +138,9 @@ def profile_step(
 ) -> tuple[Plan, torch.Tensor]:
     """Run `steps` decode steps of `config` with random weights (quantized with `quant`, a
     QuantScheme, if given) and a random KV cache, every sequence at position `pos`, with the
-    timeline on (the first step compiles, the last is recorded); `tiles` overrides plan tiles.
-    Returns the plan and the
-    records of the last step ([num_tasks, 5] int64 on the device), ready for `summarize` and
-    `gantt_png`. GPU only."""
+    timeline on (the first step compiles, the last is recorded); `tiles` overrides plan
+    tiles. Returns the plan and the records of the last step ([num_tasks, 5] int64 on the
+    device), ready for `summarize` and `gantt_png`. GPU only."""
     from flashformer_triton.loading import random_state_dict
     from flashformer_triton.plan import GpuSpec, make_plan
     from flashformer_triton.quantize import quantize_state
