@@ -122,6 +122,12 @@ class GpuSpec:
         return cls(name=props.name, num_sms=props.multi_processor_count)
 
 
+def _on_tensor_cores(batch: int, tensor_cores: int) -> bool:
+    """Batch > 1 always runs the GEMVs on tensor cores (tl.dot, row tiles of 16 or more);
+    batch 1 does with the `tensor_cores` tile."""
+    return batch > 1 or bool(tensor_cores)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
@@ -142,13 +148,14 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # 1.25 instructions each and int4 in 2 (kernels/decode.py _int8_to_f16, _int4_to_f16)
     # where the FMA path needs about 4 and 8 (8B: int8 3.72 -> 3.62 ms, int4 4.45 -> 3.10).
     tensor_cores = int(quant is not None and _tensor_cores_ok(quant, batch))
+    use_dot = _on_tensor_cores(batch, tensor_cores)
 
     def rows_for(n: int, choices: tuple[int, ...] = (16, 8)) -> int:
         # A stage's last round of tasks leaves programs idle until the next stage may start:
         # take the row count whose last round is fullest. Batch > 1 needs 16 rows (tl.dot).
         # On an H100 this picked the faster of 16/8 rows in all 6 stage shapes measured
         # (1B O-proj/down and QKV, 8B QKV, gate/up and O-proj/down; bench/NOTES.md).
-        if batch > 1 or tensor_cores:
+        if use_dot:
             return 16
 
         def idle(rows: int) -> float:
@@ -188,7 +195,6 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     gate_up_rows = rows_for(f)
     down_rows, down_splits = o_rows, 1
     half_f = f // 2
-    use_dot = batch > 1 or tensor_cores
     split_rows = max(16 if use_dot else 2, _pow2(math.ceil(2 * d / programs)))
     if (batch <= 4 and half_f % block_k == 0 and half_f % gate_up_rows == 0
             and split_rows <= (32 if use_dot else 16)):
@@ -241,7 +247,7 @@ class Plan:
     def use_dot(self) -> bool:
         """Batch > 1, and batch 1 with the `tensor_cores` tile, runs the GEMVs as small matmuls
         on tensor cores (weights as the M operand, the batch padded to a power of two as N)."""
-        return self.batch > 1 or bool(self.tiles.tensor_cores)
+        return _on_tensor_cores(self.batch, self.tiles.tensor_cores)
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -552,7 +558,7 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
 
     # Tensor cores (batch > 1, or the tile) run the row tiles through tl.dot: at least one
     # 16-row MMA tile.
-    min_rows = 16 if batch > 1 or t.tensor_cores else 2
+    min_rows = 16 if _on_tensor_cores(batch, t.tensor_cores) else 2
     for name in ("o_rows", "gate_up_rows", "down_rows", "lm_rows"):
         pow2(name, getattr(t, name), min_rows)
     for name in ("block_k", "qkv_block_k", "block_s"):
@@ -583,7 +589,7 @@ def _tensor_cores_ok(quant: QuantScheme, batch: int) -> bool:
 
 def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme, batch: int) -> None:
     check_quantizable(config, quant)
-    if t.fp16_activations and not (t.tensor_cores or batch > 1):
+    if t.fp16_activations and not _on_tensor_cores(batch, t.tensor_cores):
         raise ValueError(
             "fp16_activations=1 needs tensor_cores=1 (fp16 operands for the codes); the FMA "
             "path computes in fp32 and gains nothing from it: leave fp16_activations at 0"
