@@ -19,16 +19,18 @@ from bench_quant import SCHEMES
 from sweep import parse
 
 from flashformer_triton.config import preset
-from flashformer_triton.profile import gantt_png, profile_step, summarize
+from flashformer_triton.profile import gantt_png, profile_step, summarize, times_us
 
 
 def between_tasks_us(timeline: torch.Tensor) -> float:
     """Mean time from a task's end to the start of its program's next task (the pop)."""
-    rec = timeline.cpu().double()
-    order = torch.argsort(rec[:, 0] * 1e15 + rec[:, 2])
-    rec = rec[order]
-    same = rec[1:, 0] == rec[:-1, 0]
-    return float(((rec[1:, 2] - rec[:-1, 4])[same]).mean()) / 1e3
+    program = timeline[:, 0].cpu()
+    start, _, end = times_us(timeline).unbind(1)
+    by_start = torch.argsort(start, stable=True)
+    order = by_start[torch.argsort(program[by_start], stable=True)]  # program, then start
+    program, start, end = program[order], start[order], end[order]
+    same = program[1:] == program[:-1]
+    return float((start[1:] - end[:-1])[same].mean())
 
 
 def main(argv: list[str] | None = None) -> int:

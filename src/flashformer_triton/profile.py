@@ -49,6 +49,14 @@ class Summary:
         return "\n".join(lines)
 
 
+def times_us(records: torch.Tensor) -> torch.Tensor:
+    """[start, ready, end] per task in us since the first start (float64). Subtracted in
+    int64 first: the global timer counts ns since an epoch (~1.8e18), where a float64 only
+    resolves 256 ns."""
+    stamps = records.detach().to("cpu", torch.int64)[:, 2:5]
+    return (stamps - stamps[:, 0].min()).double() / 1e3
+
+
 def summarize(plan: Plan, records: torch.Tensor) -> Summary:
     """records: [num_tasks, 5] int64 from `DecodeRuntime.timeline` after a profiled step."""
     if records.shape != (plan.num_tasks, 5):
@@ -56,15 +64,15 @@ def summarize(plan: Plan, records: torch.Tensor) -> Summary:
             f"timeline has shape {tuple(records.shape)}; a profiled step of this plan writes "
             f"({plan.num_tasks}, 5): build the plan with profile=1 and run one step"
         )
-    rec = records.detach().to("cpu", torch.float64)
-    start, ready, end = rec[:, 2], rec[:, 3], rec[:, 4]
-    if bool((end < ready).any() or (ready < start).any() or (start <= 0).any()):
+    rec = records.detach().to("cpu", torch.int64)
+    if bool((rec[:, 4] < rec[:, 3]).any() or (rec[:, 3] < rec[:, 2]).any()
+            or (rec[:, 2] <= 0).any()):
         raise ValueError("timeline records are incomplete or out of order: was the step run?")
-    t0 = float(start.min())
-    span = (float(end.max()) - t0) / 1e3
+    start, ready, end = times_us(rec).unbind(1)
+    span = float(end.max())
     ops = torch.tensor([int(t.op) for t in plan.tasks])
     layers = torch.tensor([t.layer for t in plan.tasks])
-    wait, work = (ready - start) / 1e3, (end - ready) / 1e3
+    wait, work = ready - start, end - ready
     per_op = []
     for op in Op:
         sel = ops == int(op)
@@ -74,7 +82,7 @@ def summarize(plan: Plan, records: torch.Tensor) -> Summary:
                                  float(wait[sel].mean()), float(work[sel].mean())))
     in_layers = (ops != int(Op.EMBED)) & (ops != int(Op.LMHEAD))
     layer_spans = [
-        (float(end[sel].max()) - float(start[sel].min())) / 1e3
+        float(end[sel].max()) - float(start[sel].min())
         for layer in range(plan.config.num_layers)
         if (sel := in_layers & (layers == layer)).any()
     ]
@@ -100,15 +108,15 @@ def gantt_png(plan: Plan, records: torch.Tensor, path: str, *, programs: int = 6
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - optional dependency
         raise RuntimeError("gantt_png needs matplotlib: pip install matplotlib") from exc
-    rec = records.detach().to("cpu", torch.float64)
-    t0 = float(rec[:, 2].min())
+    programs_of = records.detach().cpu()[:, 0].tolist()
+    times = times_us(records).tolist()
     colors = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(14, 6))
     for i, task in enumerate(plan.tasks):
-        program = int(rec[i, 0])
+        program = int(programs_of[i])
         if program >= programs:
             continue
-        start, ready, end = ((float(rec[i, k]) - t0) / 1e3 for k in (2, 3, 4))
+        start, ready, end = times[i]
         color = colors(int(task.op))
         ax.barh(program, ready - start, left=start, color=color, alpha=0.25, linewidth=0)
         ax.barh(program, end - ready, left=ready, color=color, linewidth=0)
