@@ -645,9 +645,12 @@ def _attn_partial(layer, seq, kvh, split, pos_ptr, q_ptr, k_cache_ptr, v_cache_p
                   part_m_ptr, part_l_ptr, part_o_ptr,
                   B: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                   S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
-                  SM_SCALE: tl.constexpr, BS: tl.constexpr, DOT_PREC: tl.constexpr):
+                  SM_SCALE: tl.constexpr, BS: tl.constexpr, STAGES: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
     """Flash-decoding: the query heads of one kv group against one split of the cache
-    (positions 0..pos of this sequence, split in NSPLIT runs of whole BS blocks)."""
+    (positions 0..pos of this sequence, split in NSPLIT runs of whole BS blocks). The blocks
+    go through Triton's pipeliner, STAGES deep: one block at a time left a long cache's
+    stream latency-bound (1B at KV 32000: 1.589 -> 1.393 ms, bench/NOTES.md row 41)."""
     G: tl.constexpr = H // KVH
     n_ctx = tl.minimum(tl.load(pos_ptr + seq) + 1, S_MAX)
     per_split = tl.cdiv(tl.cdiv(n_ctx, NSPLIT), BS) * BS
@@ -659,18 +662,18 @@ def _attn_partial(layer, seq, kvh, split, pos_ptr, q_ptr, k_cache_ptr, v_cache_p
     gmask = g < G
     q = tl.load(q_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :], mask=gmask[:, None],
                 other=0.0, cache_modifier=".cg")
-    q = q * SM_SCALE
+    q = (q * SM_SCALE).to(k_cache_ptr.dtype.element_ty)
     m = tl.full([GP], float("-inf"), dtype=tl.float32)
     l = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, HD], dtype=tl.float32)
     base = ((layer.to(tl.int64) * B + seq) * KVH + kvh) * S_MAX * HD
-    for s0 in range(start, end, BS):
+    for s0 in tl.range(start, end, BS, num_stages=STAGES):
         s = s0 + tl.arange(0, BS)
         smask = s < end
         offs = base + s[:, None] * HD + d[None, :]
         k = tl.load(k_cache_ptr + offs, mask=smask[:, None], other=0.0, cache_modifier=".cg")
         v = tl.load(v_cache_ptr + offs, mask=smask[:, None], other=0.0, cache_modifier=".cg")
-        scores = _dot(q.to(k.dtype), tl.trans(k), DOT_PREC)
+        scores = _dot(q, tl.trans(k), DOT_PREC)
         scores = tl.where(smask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
@@ -688,14 +691,17 @@ def _attn_partial(layer, seq, kvh, split, pos_ptr, q_ptr, k_cache_ptr, v_cache_p
 def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
                 H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr,
                 NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr):
-    """Combine the splits in a fixed order (deterministic) into attn[seq, heads of kvh]."""
+    """Combine the splits into attn[seq, heads of kvh], deterministically (a fixed reduction
+    tree). The partials are read in blocks of up to 8 splits, all requested at once (one L2
+    round trip for 8 splits, where a loop over them made one round trip a split)."""
     G: tl.constexpr = H // KVH
+    MB: tl.constexpr = NSPLIT_P if NSPLIT_P < 8 else 8
     g = tl.arange(0, GP)
     d = tl.arange(0, HD)
-    sp = tl.arange(0, NSPLIT_P)
     heads = kvh * G + g
     gmask = g < G
     rows = (seq * H + heads) * NSPLIT
+    sp = tl.arange(0, NSPLIT_P)
     mask2 = gmask[:, None] & (sp[None, :] < NSPLIT)
     ms = tl.load(part_m_ptr + rows[:, None] + sp[None, :], mask=mask2, other=float("-inf"),
                  cache_modifier=".cg")
@@ -704,12 +710,15 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
     m_all = tl.where(gmask, tl.max(ms, axis=1), 0.0)
     denom = tl.sum(tl.exp(ms - m_all[:, None]) * ls, axis=1)
     acc = tl.zeros([GP, HD], dtype=tl.float32)
-    for s in range(NSPLIT):
-        m_s = tl.load(part_m_ptr + rows + s, mask=gmask, other=float("-inf"),
+    for s0 in tl.static_range(0, NSPLIT_P, MB):
+        sb = s0 + tl.arange(0, MB)
+        mask_b = gmask[:, None] & (sb[None, :] < NSPLIT)
+        m_s = tl.load(part_m_ptr + rows[:, None] + sb[None, :], mask=mask_b,
+                      other=float("-inf"), cache_modifier=".cg")
+        o_s = tl.load(part_o_ptr + (rows[:, None] + sb[None, :])[:, :, None] * HD
+                      + d[None, None, :], mask=mask_b[:, :, None], other=0.0,
                       cache_modifier=".cg")
-        o_s = tl.load(part_o_ptr + (rows + s)[:, None] * HD + d[None, :], mask=gmask[:, None],
-                      other=0.0, cache_modifier=".cg")
-        acc += o_s * tl.exp(m_s - m_all)[:, None]
+        acc += tl.sum(o_s * tl.exp(m_s - m_all[:, None])[:, :, None], axis=1)
     out = acc / tl.where(gmask, denom, 1.0)[:, None]
     tl.store(attn_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :],
              out.to(attn_ptr.dtype.element_ty), mask=gmask[:, None])
@@ -789,6 +798,7 @@ def decode_step_kernel(
     DOWN_SPLITS: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
     QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
+    ATTN_STAGES: tl.constexpr,
     KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O_P: tl.constexpr,
     PARTS_DOWN_P: tl.constexpr,
     PTX: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
@@ -843,9 +853,9 @@ def decode_step_kernel(
                      IGNORE_DEPS, PROFILE):
                 _attn_partial(layer, a, b, c, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
                               part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
-                              NSPLIT, SM_SCALE, BS, DOT_PREC)
+                              NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
                 # Publish the partial; the split that arrives last (acquiring the others')
-                # merges all of them in split order and signals the layer's merge counter.
+                # merges all of them and signals the layer's merge counter.
                 if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
                     _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH, HD,
                                 GP, NSPLIT, NSPLIT_P)

@@ -76,8 +76,15 @@ def check_step(model, batch: int, pos: int, max_seq: int) -> None:
     out = runtime.step(ids.int(), positions.int()).clone()
     want = ref(ids[:, None], positions)[:, 0]
     assert_close(out, want, rtol_norm=tolerance, name=f"{plan.config.family} b{batch} p{pos}")
-    top5 = out.topk(5, dim=-1).indices
-    assert (top5 == want.argmax(-1, keepdim=True)).any(-1).all(), "reference top-1 not in top-5"
+    # The kernel's top token is one of the reference's best, to within the error just checked:
+    # random weights give near-flat logits, and the bf16 reference has exact ties at its top
+    # (8B batch 8: a 0.0 margin), so "the reference's argmax is in our top 5" was chance.
+    rms_error = (out - want).float().norm(dim=-1) / out.shape[-1] ** 0.5
+    picked = want.gather(-1, out.argmax(-1, keepdim=True))[:, 0]
+    shortfall = want.max(-1).values - picked
+    assert (shortfall <= 6 * rms_error).all(), (
+        f"kernel's top token is {shortfall.tolist()} below the reference's best "
+        f"(rms logit error {rms_error.tolist()})")
 
 
 def test_one_kernel_per_step(model) -> None:

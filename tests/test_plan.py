@@ -121,13 +121,17 @@ def test_summary_is_one_screen(plan) -> None:
     ("shape", "batch", "weights", "expected"),
     [
         # Down projection in halves of F with about one task per program, where the FMA path
-        # keeps 16 rows or fewer; L2 hints of a quarter of the hidden size (512..1024).
-        ("llama-3.2-1b", 1, None, dict(down_splits=2, down_rows=16, l2_prefetch_k=512)),
-        ("llama-3.1-8b", 1, None, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024)),
+        # keeps 16 rows or fewer; L2 hints of a quarter of the hidden size (512..1024);
+        # O-proj on at most one task per program; batch 1: an attention split per 64 cache
+        # positions, up to one task per program (264 / 8 kv heads -> 32).
+        ("llama-3.2-1b", 1, None, dict(down_splits=2, down_rows=16, l2_prefetch_k=512,
+                                       o_rows=16, kv_splits=32)),
+        ("llama-3.1-8b", 1, None, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
+                                       o_rows=16, kv_splits=32)),
         ("llama-3.1-8b", 1, "int8", dict(down_splits=2, down_rows=32, tensor_cores=1)),
-        ("llama-3.1-8b", 4, None, dict(down_splits=2, down_rows=32)),
-        ("llama-3.1-8b", 16, None, dict(down_splits=1, down_rows=32, o_rows=32)),
-        ("llama-3.2-1b", 16, None, dict(down_splits=1, down_rows=16)),
+        ("llama-3.1-8b", 4, None, dict(down_splits=2, down_rows=32, kv_splits=8)),
+        ("llama-3.1-8b", 16, None, dict(down_splits=2, down_rows=32, o_rows=32, kv_splits=2)),
+        ("llama-3.2-1b", 16, None, dict(down_splits=2, down_rows=16, o_rows=16)),
     ],
 )
 def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None,
@@ -146,6 +150,7 @@ def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None,
         (dict(block_k=100), "block_k=100 must be a power of two"),
         (dict(qkv_rows=3), "qkv_rows=3 must be a power of two"),
         (dict(kv_splits=0), "kv_splits=0 must be >= 1"),
+        (dict(attention_stages=0), "attention_stages=0 must be >= 1"),
         (dict(o_rows=8), "o_rows=8 must be a power of two >= 16"),  # batch 3 uses tl.dot
         (dict(down_splits=3), "down_splits=3 must be >= 1 and, above 1, cut"),  # F=160
         (dict(down_splits=0), "down_splits=0 must be >= 1"),

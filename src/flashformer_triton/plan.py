@@ -93,6 +93,7 @@ class Tiles:
     l2_prefetch_k: int = 0  # columns of a tile hinted into L2 before its wait (0: off)
     max_registers: int = 0  # per-thread register cap (0: compiler's choice); allows more programs
     pipeline_stages: int = 3  # 0: hand double-buffering; >= 2: Triton's pipeliner, that deep
+    attention_stages: int = 3  # cache blocks in flight in the attention loop (Triton's pipeliner)
     ignore_deps: int = 0  # benchmark diagnostic ONLY: skip every wait (results are garbage)
     profile: int = 0  # record a per-task timeline (GPU only; see flashformer_triton.profile)
     tensor_cores: int = 0  # 1: GEMVs on tensor cores at batch 1 too (batch > 1 always is)
@@ -139,9 +140,12 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     programs = gpu.num_sms * 2
     # Flash-decoding splits: at most one attention task per program, and at least 256 cache
     # positions per split (1B on an H100: 4 splits best at a 1024-position cache, 16-32 at 8k,
-    # 32 at 32k; the old 64 cost 20% at 8k and 32k, bench/NOTES.md row 23).
+    # 32 at 32k; the old 64 cost 20% at 8k and 32k, bench/NOTES.md row 23). At batch 1 there
+    # are only kv heads x splits tasks and the attention is a latency chain between QKV and
+    # O-proj: one 64-position block per split (1B, 1024 cache: 4 -> 16 splits, 1.083 -> 1.048
+    # ms; batch 4 stays best at 4 splits, bench/NOTES.md row 42).
     per_program = programs // (batch * config.num_kv_heads)
-    splits = max(1, min(per_program, max_seq_len // 256, 64))
+    splits = max(1, min(per_program, max_seq_len // (64 if batch == 1 else 256), 64))
     splits = 1 << int(math.log2(splits))
 
     # Quantized weights on tensor cores at batch 1 too: their fp16 operands take int8 codes in
@@ -185,18 +189,24 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # O/down tiles halve that traffic where the stage still has a task per SM (8B and
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
     wide = d // 32 >= gpu.num_sms * 0.9  # 32-row tiles still give a task per SM
-    o_rows = 32 if batch > 8 and wide else rows_for(d)
-    # At batch <= 4 the down projection in two halves of F, with rows for about one task per
-    # program (1B: 16, 8B: 32): a half starts as soon as its gate/up tiles are done, which
-    # fills the gate/up stage's last round (8B int8 3.55 -> 3.45 ms, int4 2.97 -> 2.88, batch
-    # 4 int8 3.77 -> 3.63; 1B bf16 1.120 -> 1.087, int8 0.850 -> 0.826). Not where that
-    # needs more than 16 rows on the FMA path: 8B bf16 batch 1 spills (5.72 -> 5.85 ms).
-    # (bench/NOTES.md rows 30, 36.)
+    # O-proj ends the attention chain, and the gate/up tasks after it start when it ends. On
+    # at most one task per program (16 rows), the programs left over start their gate/up tasks
+    # early and have their first chunks in flight by then; with every program on O-proj (1B, 8
+    # rows) all switched at once and that burst of loads held up the counter polls ~2 us (1B
+    # 1.058 -> 1.042 ms, KV 32000 1.443 -> 1.423; bench/NOTES.md row 42).
+    o_rows = (32 if batch > 8 and wide else 16 if math.ceil(d / 16) <= programs
+              else rows_for(d))
+    # The down projection in two halves of F, with rows for about one task per program (1B:
+    # 16, 8B: 32): a half starts as soon as its gate/up tiles are done, which fills the
+    # gate/up stage's last round (8B int8 3.55 -> 3.45 ms, int4 2.97 -> 2.88, batch 4 int8
+    # 3.77 -> 3.63; 1B bf16 1.120 -> 1.087, int8 0.850 -> 0.826; 1B batch 16 1.427 -> 1.413,
+    # 8B batch 16 the same). Not where that needs more than 16 rows on the FMA path: 8B bf16
+    # batch 1 spills (5.72 -> 5.85 ms). (bench/NOTES.md rows 30, 36, 42.)
     gate_up_rows = rows_for(f)
     down_rows, down_splits = o_rows, 1
     half_f = f // 2
     split_rows = max(16 if use_dot else 2, _pow2(math.ceil(2 * d / programs)))
-    if (batch <= 4 and half_f % block_k == 0 and half_f % gate_up_rows == 0
+    if (half_f % block_k == 0 and half_f % gate_up_rows == 0
             and split_rows <= (32 if use_dot else 16)):
         down_rows, down_splits = split_rows, 2
     # Before its wait a task hints the next columns of its tile into L2, so the chunks after
@@ -334,6 +344,7 @@ class Plan:
             "PF_K": t.l2_prefetch_k if ptx else 0,  # (a hint: same results)
             "PTX": ptx,
             "STAGES": t.pipeline_stages,
+            "ATTN_STAGES": t.attention_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
             "PROFILE": bool(t.profile),
             "STATIC": bool(t.static_schedule),
@@ -570,6 +581,9 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         raise ValueError(f"qkv_rows={t.qkv_rows} must divide head_dim={config.head_dim}")
     if t.kv_splits < 1:
         raise ValueError(f"kv_splits={t.kv_splits} must be >= 1")
+    if t.attention_stages < 1:
+        raise ValueError(f"attention_stages={t.attention_stages} must be >= 1 (1: one block "
+                         f"at a time)")
     f = config.intermediate_size
     if t.down_splits < 1 or (t.down_splits > 1 and (
             f % (t.down_splits * t.block_k) or (f // t.down_splits) % t.gate_up_rows)):
