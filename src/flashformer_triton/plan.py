@@ -142,10 +142,11 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # positions per split (1B on an H100: 4 splits best at a 1024-position cache, 16-32 at 8k,
     # 32 at 32k; the old 64 cost 20% at 8k and 32k, bench/NOTES.md row 23). At batch 1 there
     # are only kv heads x splits tasks and the attention is a latency chain between QKV and
-    # O-proj: one 64-position block per split (1B, 1024 cache: 4 -> 16 splits, 1.083 -> 1.048
-    # ms; batch 4 stays best at 4 splits, bench/NOTES.md row 42).
+    # O-proj: one cache block (block_s positions) per split (1B, 1024 cache: 4 -> 16 splits,
+    # 1.083 -> 1.048 ms; batch 4 stays best at 4 splits, bench/NOTES.md row 42).
     per_program = programs // (batch * config.num_kv_heads)
-    splits = max(1, min(per_program, max_seq_len // (64 if batch == 1 else 256), 64))
+    per_split = Tiles.block_s if batch == 1 else 256
+    splits = max(1, min(per_program, max_seq_len // per_split, 64))
     splits = 1 << int(math.log2(splits))
 
     # Quantized weights on tensor cores at batch 1 too: their fp16 operands take int8 codes in
