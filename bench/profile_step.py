@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{between_tasks_us(timeline):.2f} us")
     args.out.mkdir(parents=True, exist_ok=True)
     records = timeline.cpu().tolist()
-    tag = f"-{args.tiles.replace('=', '').replace(',', '-')}" if args.tiles else ""
+    tag = f"-b{args.batch}" if args.batch != 1 else ""
+    tag += f"-{args.tiles.replace('=', '').replace(',', '-')}" if args.tiles else ""
     (args.out / f"timeline-{args.shape}-{args.weights}{tag}.json").write_text(json.dumps(
         {"shape": args.shape, "weights": args.weights, "batch": args.batch, "pos": args.pos,
          "fields": ["program", "sm", "start_ns", "ready_ns", "end_ns"],

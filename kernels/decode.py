@@ -188,18 +188,23 @@ def _dot(a, b, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _load_x(x_ptr, cols, K):
-    """Batch 1: the activations at `cols` (any shape) in fp32 (from L2: written by other
-    programs this launch)."""
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
+    """Batch 1: the activations at `cols` (any shape) in fp32.
+
+    x is written by other programs this launch, yet a plain (L1-cached) load is safe: it
+    follows the task's acquire poll, which invalidates the SM's L1 (CCTL.IVALL in the
+    SASS). The other tasks of a stage on this SM then find x in L1 (1B batch 1 1.023 ->
+    1.009 ms, int4 0.718 -> 0.695 against ".cg", bench/NOTES.md row 44)."""
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
     return x.to(tl.float32)
 
 
 @triton.jit
 def _load_xt(x_ptr, seq, cols, K, B: tl.constexpr):
     """Batch > 1: x[seq, cols] in the model dtype, seq and cols broadcast against each other
-    (x^T: the sequences on an inner axis)."""
+    (x^T: the sequences on an inner axis). L1-cached like _load_x (in the pipelined loops
+    Triton copies it with cp.async.cg, which bypasses L1 either way)."""
     mask = (cols < K) & (seq < B)
-    return tl.load(x_ptr + seq * K + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    return tl.load(x_ptr + seq * K + cols, mask=mask, other=0.0)
 
 
 @triton.jit

@@ -123,15 +123,19 @@ def test_summary_is_one_screen(plan) -> None:
         # Down projection in halves of F with about one task per program, where the FMA path
         # keeps 16 rows or fewer; L2 hints of a quarter of the hidden size (512..1024);
         # O-proj on at most one task per program; batch 1: an attention split per 64 cache
-        # positions, up to one task per program (264 / 8 kv heads -> 32).
+        # positions, up to one task per program (264 / 8 kv heads -> 32). Pipeline stages:
+        # about 1024 columns in flight, one stage fewer from batch 8, not below 3.
         ("llama-3.2-1b", 1, None, dict(down_splits=2, down_rows=16, l2_prefetch_k=512,
-                                       o_rows=16, kv_splits=32)),
+                                       o_rows=16, kv_splits=32, pipeline_stages=5)),
         ("llama-3.1-8b", 1, None, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
                                        o_rows=16, kv_splits=32)),
         ("llama-3.1-8b", 1, "int8", dict(down_splits=2, down_rows=32, tensor_cores=1)),
         ("llama-3.1-8b", 4, None, dict(down_splits=2, down_rows=32, kv_splits=8)),
-        ("llama-3.1-8b", 16, None, dict(down_splits=2, down_rows=32, o_rows=32, kv_splits=2)),
-        ("llama-3.2-1b", 16, None, dict(down_splits=2, down_rows=16, o_rows=16)),
+        ("llama-3.1-8b", 16, None, dict(down_splits=2, down_rows=32, o_rows=32, kv_splits=2,
+                                        pipeline_stages=3)),
+        ("llama-3.2-1b", 8, None, dict(pipeline_stages=4)),
+        ("llama-3.2-1b", 16, None, dict(down_splits=2, down_rows=16, o_rows=16,
+                                        pipeline_stages=4)),
     ],
 )
 def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None,

@@ -179,6 +179,12 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # (bench/NOTES.md rows 20-22, Q9-Q11.)
     block_k = 512 if quant else max(256, min(512, 1 << int(math.log2(max(1, d // 8)))))
     stages = 1 + 1024 // block_k
+    # From batch 8, x's chunk ([batch, k-chunk]) goes through the pipeline's shared memory
+    # next to the weights' and is as big: one stage fewer, not below 3 (1B batch 16 1.372 ->
+    # 1.324 ms, 3 stages 1.346; batch 8 1.194 -> 1.187; 8B batch 16 at 2 stages: 6.58 ->
+    # 6.74; bench/NOTES.md row 45).
+    if batch >= 8:
+        stages = max(3, stages - 1)
     # A QKV chunk keeps about 8K elements, in at most block_k columns.
     qkv_block_k = max(32, min(block_k, 8192 // qkv_rows))
     if quant and quant.group_size:  # a chunk holds whole groups
