@@ -55,15 +55,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{between_tasks_us(timeline):.2f} us")
     args.out.mkdir(parents=True, exist_ok=True)
     records = timeline.cpu().tolist()
-    tag = f"-b{args.batch}" if args.batch != 1 else ""
-    tag += f"-{args.tiles.replace('=', '').replace(',', '-')}" if args.tiles else ""
-    (args.out / f"timeline-{args.shape}-{args.weights}{tag}.json").write_text(json.dumps(
+    stem = f"timeline-{args.shape}-{args.weights}"
+    stem += f"-b{args.batch}" if args.batch != 1 else ""
+    stem += f"-{args.tiles.replace('=', '').replace(',', '-')}" if args.tiles else ""
+    (args.out / f"{stem}.json").write_text(json.dumps(
         {"shape": args.shape, "weights": args.weights, "batch": args.batch, "pos": args.pos,
          "fields": ["program", "sm", "start_ns", "ready_ns", "end_ns"],
          "ops": [int(t.op) for t in plan.tasks], "layers": [t.layer for t in plan.tasks],
          "records": records}))
     try:
-        gantt_png(plan, timeline, str(args.out / f"timeline-{args.shape}-{args.weights}{tag}.png"))
+        gantt_png(plan, timeline, str(args.out / f"{stem}.png"))
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
     return 0
