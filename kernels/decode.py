@@ -508,20 +508,26 @@ def _prefetch_l2(w_ptr, rows, row_mask, K, k0, PF_K: tl.constexpr, WBITS: tl.con
 
 
 @triton.jit
-def _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, row_mask, delta, ADD: tl.constexpr,
-                  B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
-    """The residual stream h[:, rows] (+)= delta (each row has one writer per stage), and what
-    the readers of the next RMSNorm (weights g) need: xn = h * g in the model dtype and this
-    tile's sum of h^2 per sequence, ss[b, tile]."""
+def _load_rows(v_ptr, rows, row_mask, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr):
+    """v[:, rows] of a [B, D] fp32 buffer written by other programs this launch (.cg)."""
+    bidx = tl.arange(0, BP)
+    mask = (bidx < B)[:, None] & row_mask[None, :]
+    return tl.load(v_ptr + bidx[:, None] * D + rows[None, :], mask=mask, other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
+def _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h, B: tl.constexpr,
+                  BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+    """Store the residual stream's new h[:, rows] (each row has one writer per stage) and
+    what the readers of the next RMSNorm (weights g[rows]) need: xn = h * g in the model
+    dtype and this tile's sum of h^2 per sequence, ss[b, tile]. The callers load h's old
+    value and g before their GEMV, so no load waits here (bench/NOTES.md row 49)."""
     bidx = tl.arange(0, BP)
     bmask = bidx < B
     mask = bmask[:, None] & row_mask[None, :]
     offs = bidx[:, None] * D + rows[None, :]
-    h = delta
-    if ADD:
-        h += tl.load(h_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
     tl.store(h_ptr + offs, h, mask=mask)
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     tl.store(xn_ptr + offs, (h * g[None, :]).to(xn_ptr.dtype.element_ty), mask=mask)
     h = tl.where(mask, h, 0.0)
     tl.store(ss_ptr + bidx * ((D + BN - 1) // BN) + tile, tl.sum(h * h, axis=1), mask=bmask)
@@ -541,8 +547,9 @@ def _embed(tile, ids_ptr, embed_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr, B: tl.constex
     row_mask = rows < D
     emb = tl.load(embed_ptr + ids[:, None] * D + rows[None, :],
                   mask=(bidx[:, None] < B) & row_mask[None, :], other=0.0)
-    _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, row_mask, emb.to(tl.float32), False,
-                  B, BP, D, BN)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, emb.to(tl.float32), B, BP, D,
+                  BN)
 
 
 @triton.jit
@@ -567,10 +574,15 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     QK_ROWS: tl.constexpr = (H + KVH) * HD  # query and key rows: qk_raw's width
     rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
     row_mask = rows < QKV_ROWS
+    dims = chunk * (BN_QKV // 2) + tl.arange(0, BN_QKV // 2)
+    # Loads that need no weights go out before the stream, so their round trip hides behind
+    # it rather than following it (bench/NOTES.md row 49).
+    inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
+    pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, xn_ptr, B, BP, BN_QKV,
                 BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
                 k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
-    acc = acc * _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)[:, None]
+    acc = acc * inv_rms[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
     bidx = tl.arange(0, BP)
@@ -585,26 +597,36 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
             head_rows = head * HD + tl.arange(0, HD)
             whole = tl.load(qk_raw_ptr + bidx[:, None] * QK_ROWS + head_rows[None, :],
                             mask=(bidx < B)[:, None], other=0.0, cache_modifier=".cg")
-            _finish_head(layer, head, whole, tl.arange(0, HD // 2), norms_ptr, inv_freq_ptr,
-                         pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX,
-                         EPS, NORM_STRIDE, True)
+            head_dims = tl.arange(0, HD // 2)
+            pos_h, cos_h, sin_h = _rotary(pos_ptr, inv_freq_ptr, head_dims, B, BP)
+            _finish_head(layer, head, whole, head_dims, pos_h, cos_h, sin_h, norms_ptr, q_ptr,
+                         k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
+                         NORM_STRIDE, True)
             _signal(counters_ptr, signal_ctr)
     else:
-        dims = chunk * (BN_QKV // 2) + tl.arange(0, BN_QKV // 2)
-        _finish_head(layer, head, acc, dims, norms_ptr, inv_freq_ptr, pos_ptr, q_ptr,
-                     k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE,
-                     False)
+        _finish_head(layer, head, acc, dims, pos, cos, sin, norms_ptr, q_ptr, k_cache_ptr,
+                     v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, False)
         _signal(counters_ptr, signal_ctr)
 
 
 @triton.jit
-def _finish_head(layer, head, x, dims, norms_ptr, inv_freq_ptr, pos_ptr, q_ptr, k_cache_ptr,
+def _rotary(pos_ptr, inv_freq_ptr, dims, B: tl.constexpr, BP: tl.constexpr):
+    """Each sequence's position [BP] and RoPE's cos and sin [BP, len(dims)] at it."""
+    bidx = tl.arange(0, BP)
+    pos = tl.load(pos_ptr + bidx, mask=bidx < B, other=0)
+    angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + dims)[None, :]
+    return pos, tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _finish_head(layer, head, x, dims, pos, cos, sin, norms_ptr, q_ptr, k_cache_ptr,
                  v_cache_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr,
                  H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr,
                  EPS: tl.constexpr, NORM_STRIDE: tl.constexpr, QK_NORM: tl.constexpr):
     """Rows x [BP, 2 * len(dims)] of one head in rotary pairs (dims[i], HD/2 + dims[i]): the
-    qk-norm (QK_NORM: x is the whole query or key head), RoPE (not for value heads) and the
-    store to q or to the KV cache at each sequence's position."""
+    qk-norm (QK_NORM: x is the whole query or key head), RoPE (not for value heads; cos and
+    sin from _rotary at the positions pos) and the store to q or to the KV cache at each
+    sequence's position."""
     HALF: tl.constexpr = HD // 2
     x1, x2 = tl.split(tl.reshape(x, [BP, dims.shape[0], 2]))
     is_q = head < H
@@ -616,10 +638,6 @@ def _finish_head(layer, head, x, dims, norms_ptr, inv_freq_ptr, pos_ptr, q_ptr, 
         x2 = x2 * rms[:, None] * tl.load(gbase + HALF + dims)[None, :]
     bidx = tl.arange(0, BP)
     bmask = bidx < B
-    pos = tl.load(pos_ptr + bidx, mask=bmask, other=0)
-    angle = pos.to(tl.float32)[:, None] * tl.load(inv_freq_ptr + dims)[None, :]
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
     r1 = x1 * cos - x2 * sin
     r2 = x2 * cos + x1 * sin
     x1 = tl.where(is_v, x1, r1)
@@ -646,7 +664,7 @@ def _finish_head(layer, head, x, dims, norms_ptr, inv_freq_ptr, pos_ptr, q_ptr, 
 
 
 @triton.jit
-def _attn_partial(layer, seq, kvh, split, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
                   part_m_ptr, part_l_ptr, part_o_ptr,
                   B: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                   S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
@@ -655,9 +673,10 @@ def _attn_partial(layer, seq, kvh, split, pos_ptr, q_ptr, k_cache_ptr, v_cache_p
     """Flash-decoding: the query heads of one kv group against one split of the cache
     (positions 0..pos of this sequence, split in NSPLIT runs of whole BS blocks). The blocks
     go through Triton's pipeliner, STAGES deep: one block at a time left a long cache's
-    stream latency-bound (1B at KV 32000: 1.589 -> 1.393 ms, bench/NOTES.md row 41)."""
+    stream latency-bound (1B at KV 32000: 1.589 -> 1.393 ms, bench/NOTES.md row 41).
+    pos: the sequence's position, loaded before the task's wait (the host wrote it)."""
     G: tl.constexpr = H // KVH
-    n_ctx = tl.minimum(tl.load(pos_ptr + seq) + 1, S_MAX)
+    n_ctx = tl.minimum(pos + 1, S_MAX)
     per_split = tl.cdiv(tl.cdiv(n_ctx, NSPLIT), BS) * BS
     start = split * per_split
     end = tl.minimum(start + per_split, n_ctx)
@@ -748,31 +767,36 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     parts in order (deterministic), publishes the rows and signals."""
     KPART: tl.constexpr = K // SPLITS
     rows = tile * BN + tl.arange(0, BN)
+    row_mask = rows < D
     k_lo = part * KPART
-    w0 = _load_w(w_ptr, rows, rows < D, K, k_lo, BK, WBITS, GROUP, USE_DOT, KSPLIT)
+    w0 = _load_w(w_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     if PF_K > 0:
-        _prefetch_l2(w_ptr, rows, rows < D, K, k_lo + BK, PF_K, WBITS)
+        _prefetch_l2(w_ptr, rows, row_mask, K, k_lo + BK, PF_K, WBITS)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
              IGNORE_DEPS, PROFILE):
-        acc = _gemv(w_ptr, s_ptr, z_ptr, rows, rows < D, K, k_lo, k_lo + KPART, w0, x_ptr, B,
+        if SPLITS == 1:
+            # h's rows, requested before the stream: their round trip hides behind it.
+            h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
+        acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, x_ptr, B,
                     BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT,
                     PTX)
         if SPLITS == 1:
-            _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, rows < D, acc, True, B, BP,
-                          D, BN)
+            _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + acc, B, BP, D,
+                          BN)
             _signal(counters_ptr, signal_ctr)
         else:
             bidx = tl.arange(0, BP)
             offs = bidx[:, None] * D + rows[None, :]
-            mask = (bidx < B)[:, None] & (rows < D)[None, :]
+            mask = (bidx < B)[:, None] & row_mask[None, :]
             tl.store(partial_ptr + part * (B * D) + offs, acc, mask=mask)
             if _arrive(counters_ptr, arrive_ctr) == SPLITS - 1:
+                h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
                 total = tl.zeros([BP, BN], dtype=tl.float32)
-                for p in range(SPLITS):
-                    total += tl.load(partial_ptr + p * (B * D) + offs, mask=mask, other=0.0,
-                                     cache_modifier=".cg")
-                _publish_rows(h_ptr, xn_ptr, ss_ptr, g_ptr, tile, rows, rows < D, total, True,
-                              B, BP, D, BN)
+                for p in tl.static_range(SPLITS):  # unrolled: every load in one round trip
+                    total += _load_rows(partial_ptr + p * (B * D), rows, row_mask, B, BP, D)
+                _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + total, B, BP,
+                              D, BN)
                 _signal(counters_ptr, signal_ctr)
 
 
@@ -854,9 +878,10 @@ def decode_step_kernel(
                      USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS,
                      KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX)
         elif op == OP_ATTN:
+            pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                _attn_partial(layer, a, b, c, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
                               part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
                               NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
                 # Publish the partial; the split that arrives last (acquiring the others')
@@ -884,10 +909,11 @@ def decode_step_kernel(
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K, WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
+                inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
                                D, 0, D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT,
                                DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
-                acc_gu *= _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)[:, None]
+                acc_gu *= inv_gu[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
                 b_gu = tl.arange(0, BP)
@@ -914,10 +940,11 @@ def decode_step_kernel(
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K, LM_WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
+                inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
                                D, 0, D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC,
                                STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
-                acc_lm *= _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)[:, None]
+                acc_lm *= inv_lm[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
                          mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))
