@@ -129,7 +129,13 @@ def test_summary_is_one_screen(plan) -> None:
                                        o_rows=16, kv_splits=32, pipeline_stages=5)),
         ("llama-3.1-8b", 1, None, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
                                        o_rows=16, kv_splits=32)),
-        ("llama-3.1-8b", 1, "int8", dict(down_splits=2, down_rows=32, tensor_cores=1)),
+        ("llama-3.1-8b", 1, "int8", dict(down_splits=2, down_rows=32, tensor_cores=1,
+                                         qkv_rows=16, gate_up_rows=16, lm_rows=16)),
+        # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles.
+        ("llama-3.1-8b", 1, "int4", dict(tensor_cores=1, qkv_rows=32, qkv_block_k=256,
+                                         gate_up_rows=32, lm_rows=32, down_rows=32)),
+        ("llama-3.2-1b", 1, "int4", dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
+                                         lm_rows=32, o_rows=16)),
         ("llama-3.1-8b", 4, None, dict(down_splits=2, down_rows=32, kv_splits=8)),
         ("llama-3.1-8b", 16, None, dict(down_splits=2, down_rows=32, o_rows=32, kv_splits=2,
                                         pipeline_stages=3)),
@@ -142,7 +148,8 @@ def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None,
                                   expected: dict) -> None:
     from flashformer_triton.quantize import QuantScheme
 
-    quant = QuantScheme(bits=8) if weights == "int8" else None
+    quant = {"int8": QuantScheme(bits=8), "int4": QuantScheme(bits=4, group_size=128),
+             None: None}[weights]
     tiles = default_tiles(preset(shape), batch, 4096, H100, quant)
     assert tiles.static_schedule == 1
     assert {name: getattr(tiles, name) for name in expected} == expected

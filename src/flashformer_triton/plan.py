@@ -172,6 +172,13 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     d, f = config.hidden_size, config.intermediate_size
     heads = config.num_heads + 2 * config.num_kv_heads
     qkv_rows = rows_for(heads * hd, (min(hd, 16), min(hd, 8)))
+    # int4 codes on tensor cores at batch 1: a 16-row tile is 16 KB of codes on 1B and 32 KB
+    # on 8B, so each task's fixed costs (its wait, first chunk, reduction and signal) weigh;
+    # 32-row QKV, gate/up and LM-head tiles halve the tasks (8B 2.645 -> 2.318 ms, 1B 0.673
+    # -> 0.634; int8's 32-row gate/up tiles spill on 8B; bench/NOTES.md row 50).
+    wide_int4 = bool(tensor_cores and batch == 1 and quant.bits == 4)
+    if wide_int4:
+        qkv_rows = min(hd, 32)
     # Model-dtype weights: at least 8 streamed chunks per task (the shortest tiles are
     # [rows, hidden]), since long chunks cost more in the ramp after each barrier (1B: 256
     # columns, 1.29 -> 1.21 ms), with about 1024 columns of a tile in flight. Quantized chunks
@@ -189,9 +196,9 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     qkv_block_k = max(32, min(block_k, 8192 // qkv_rows))
     if quant and quant.group_size:  # a chunk holds whole groups
         qkv_block_k = max(qkv_block_k, quant.group_size)
-    # Batch 1 accumulates a whole [rows, k-chunk] tile in registers (kernels/decode.py
-    # _chunk_fma): 32 LM-head rows of 512 columns spilled, 16 do not.
-    lm_rows = 32 if batch > 1 else 16
+    # Batch 1 on the FMA path accumulates a whole [rows, k-chunk] tile in registers
+    # (kernels/decode.py _chunk_fma): 32 LM-head rows of 512 columns spilled, 16 do not.
+    lm_rows = 32 if batch > 1 or wide_int4 else 16
     # Batch > 8: every task reads all of x (batch x k) next to its rows x k weights, so wider
     # O/down tiles halve that traffic where the stage still has a task per SM (8B and
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
@@ -209,7 +216,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # 3.77 -> 3.63; 1B bf16 1.120 -> 1.087, int8 0.850 -> 0.826; 1B batch 16 1.427 -> 1.413,
     # 8B batch 16 the same). Not where that needs more than 16 rows on the FMA path: 8B bf16
     # batch 1 spills (5.72 -> 5.85 ms). (bench/NOTES.md rows 30, 36, 42.)
-    gate_up_rows = rows_for(f)
+    gate_up_rows = 32 if wide_int4 else rows_for(f)
     down_rows, down_splits = o_rows, 1
     half_f = f // 2
     split_rows = max(16 if use_dot else 2, _pow2(math.ceil(2 * d / programs)))
