@@ -575,13 +575,18 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
     row_mask = rows < QKV_ROWS
     dims = chunk * (BN_QKV // 2) + tl.arange(0, BN_QKV // 2)
-    # Loads that need no weights go out before the stream, so their round trip hides behind
-    # it rather than following it (bench/NOTES.md row 49).
-    inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
-    pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
+    # Up to batch 4 the loads that need no weights go out before the stream, so their round
+    # trip hides behind it rather than following it. At batch 16 the registers they hold
+    # across it made 8B's tensor-core loops spill (bench/NOTES.md row 49).
+    if BP <= 4:
+        inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
+        pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, xn_ptr, B, BP, BN_QKV,
                 BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
                 k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
+    if BP > 4:
+        inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
+        pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = acc * inv_rms[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
@@ -772,16 +777,19 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     w0 = _load_w(w_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     if PF_K > 0:
         _prefetch_l2(w_ptr, rows, row_mask, K, k_lo + BK, PF_K, WBITS)
-    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
              IGNORE_DEPS, PROFILE):
-        if SPLITS == 1:
-            # h's rows, requested before the stream: their round trip hides behind it.
+        if SPLITS == 1 and BP <= 4:
+            # h's rows and the norm's weights before the stream, as in _qkv.
             h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
+            g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, x_ptr, B,
                     BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT,
                     PTX)
         if SPLITS == 1:
+            if BP > 4:
+                h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
+                g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
             _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + acc, B, BP, D,
                           BN)
             _signal(counters_ptr, signal_ctr)
@@ -792,6 +800,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
             tl.store(partial_ptr + part * (B * D) + offs, acc, mask=mask)
             if _arrive(counters_ptr, arrive_ctr) == SPLITS - 1:
                 h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
+                g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
                 total = tl.zeros([BP, BN], dtype=tl.float32)
                 for p in tl.static_range(SPLITS):  # unrolled: every load in one round trip
                     total += _load_rows(partial_ptr + p * (B * D), rows, row_mask, B, BP, D)
@@ -909,10 +918,13 @@ def decode_step_kernel(
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K, WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
+                if BP <= 4:  # before the stream (as in _qkv)
+                    inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
                                D, 0, D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT,
                                DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                if BP > 4:
+                    inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
                 acc_gu *= inv_gu[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
@@ -940,10 +952,13 @@ def decode_step_kernel(
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K, LM_WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
+                if BP <= 4:  # before the stream (as in _qkv)
+                    inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
                                D, 0, D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC,
                                STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                if BP > 4:
+                    inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
                 acc_lm *= inv_lm[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
