@@ -522,7 +522,7 @@ def _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h, B: tl.const
     """Store the residual stream's new h[:, rows] (each row has one writer per stage) and
     what the readers of the next RMSNorm (weights g[rows]) need: xn = h * g in the model
     dtype and this tile's sum of h^2 per sequence, ss[b, tile]. The callers load h's old
-    value and g before their GEMV, so no load waits here (bench/NOTES.md row 49)."""
+    value and g (up to batch 4, before their GEMV: bench/NOTES.md row 49)."""
     bidx = tl.arange(0, BP)
     bmask = bidx < B
     mask = bmask[:, None] & row_mask[None, :]

@@ -175,7 +175,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # int4 codes on tensor cores at batch 1: a 16-row tile is 16 KB of codes on 1B and 32 KB
     # on 8B, so each task's fixed costs (its wait, first chunk, reduction and signal) weigh;
     # 32-row QKV, gate/up and LM-head tiles halve the tasks (8B 2.645 -> 2.318 ms, 1B 0.673
-    # -> 0.634; int8's 32-row gate/up tiles spill on 8B; bench/NOTES.md row 50).
+    # -> 0.634; int8's 32-row gate/up tiles spill on 8B; bench/NOTES.md Q23).
     wide_int4 = bool(tensor_cores and batch == 1 and quant.bits == 4)
     if wide_int4:
         qkv_rows = min(hd, 32)
