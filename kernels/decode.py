@@ -139,6 +139,13 @@ def _arrive(counters_ptr, counter):
 # operand: the batch, padded to a power of two). There a chunk's
 # columns are cut in KSPLIT blocks (int4: its groups) that form the batch dimension of one
 # 3-D tl.dot: each warp owns a block, so no warp reloads another's weights.
+#
+# Up to this padded batch, a task requests the loads that need no weights (the residual
+# rows and norm weights, the norm's 1/rms, RoPE's angles) before its weight stream, so their
+# round trip hides behind it instead of following it. Above it they stay after the stream:
+# the registers they hold across it made 8B batch 16's kernel spill (6.55 -> 7.83 ms,
+# bench/NOTES.md row 49).
+EARLY_LOADS_MAX_BP = tl.constexpr(4)
 
 
 @triton.jit
@@ -522,7 +529,7 @@ def _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h, B: tl.const
     """Store the residual stream's new h[:, rows] (each row has one writer per stage) and
     what the readers of the next RMSNorm (weights g[rows]) need: xn = h * g in the model
     dtype and this tile's sum of h^2 per sequence, ss[b, tile]. The callers load h's old
-    value and g (up to batch 4, before their GEMV: bench/NOTES.md row 49)."""
+    value and g (before their GEMV up to EARLY_LOADS_MAX_BP)."""
     bidx = tl.arange(0, BP)
     bmask = bidx < B
     mask = bmask[:, None] & row_mask[None, :]
@@ -575,16 +582,13 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
     row_mask = rows < QKV_ROWS
     dims = chunk * (BN_QKV // 2) + tl.arange(0, BN_QKV // 2)
-    # Up to batch 4 the loads that need no weights go out before the stream, so their round
-    # trip hides behind it rather than following it. At batch 16 the registers they hold
-    # across it made 8B's tensor-core loops spill (bench/NOTES.md row 49).
-    if BP <= 4:
+    if BP <= EARLY_LOADS_MAX_BP:  # before the stream
         inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, xn_ptr, B, BP, BN_QKV,
                 BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
                 k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
-    if BP > 4:
+    if BP > EARLY_LOADS_MAX_BP:
         inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = acc * inv_rms[:, None]
@@ -779,15 +783,14 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
         _prefetch_l2(w_ptr, rows, row_mask, K, k_lo + BK, PF_K, WBITS)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
              IGNORE_DEPS, PROFILE):
-        if SPLITS == 1 and BP <= 4:
-            # h's rows and the norm's weights before the stream, as in _qkv.
+        if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
             h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
             g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, x_ptr, B,
                     BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT,
                     PTX)
         if SPLITS == 1:
-            if BP > 4:
+            if BP > EARLY_LOADS_MAX_BP:
                 h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
                 g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
             _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + acc, B, BP, D,
@@ -918,12 +921,12 @@ def decode_step_kernel(
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K, WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                if BP <= 4:  # before the stream (as in _qkv)
+                if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
                                D, 0, D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT,
                                DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
-                if BP > 4:
+                if BP > EARLY_LOADS_MAX_BP:
                     inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
                 acc_gu *= inv_gu[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
@@ -952,12 +955,12 @@ def decode_step_kernel(
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K, LM_WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                if BP <= 4:  # before the stream (as in _qkv)
+                if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
                                D, 0, D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC,
                                STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
-                if BP > 4:
+                if BP > EARLY_LOADS_MAX_BP:
                     inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
                 acc_lm *= inv_lm[:, None]
                 b_lm = tl.arange(0, BP)

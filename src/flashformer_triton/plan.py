@@ -171,14 +171,13 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
 
     d, f = config.hidden_size, config.intermediate_size
     heads = config.num_heads + 2 * config.num_kv_heads
-    qkv_rows = rows_for(heads * hd, (min(hd, 16), min(hd, 8)))
     # int4 codes on tensor cores at batch 1: a 16-row tile is 16 KB of codes on 1B and 32 KB
     # on 8B, so each task's fixed costs (its wait, first chunk, reduction and signal) weigh;
     # 32-row QKV, gate/up and LM-head tiles halve the tasks (8B 2.645 -> 2.318 ms, 1B 0.673
     # -> 0.634; int8's 32-row gate/up tiles spill on 8B; bench/NOTES.md Q23).
     wide_int4 = bool(tensor_cores and batch == 1 and quant.bits == 4)
-    if wide_int4:
-        qkv_rows = min(hd, 32)
+    qkv_rows = (min(hd, 32) if wide_int4
+                else rows_for(heads * hd, (min(hd, 16), min(hd, 8))))
     # Model-dtype weights: at least 8 streamed chunks per task (the shortest tiles are
     # [rows, hidden]), since long chunks cost more in the ramp after each barrier (1B: 256
     # columns, 1.29 -> 1.21 ms), with about 1024 columns of a tile in flight. Quantized chunks
