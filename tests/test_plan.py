@@ -130,9 +130,11 @@ def test_summary_is_one_screen(plan) -> None:
         ("llama-3.1-8b", 1, None, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
                                        o_rows=16, kv_splits=32)),
         ("llama-3.1-8b", 1, "int8", dict(down_splits=2, down_rows=32, tensor_cores=1,
-                                         qkv_rows=16, gate_up_rows=16, lm_rows=16)),
-        # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles.
-        ("llama-3.1-8b", 1, "int4", dict(tensor_cores=1, qkv_rows=32, qkv_block_k=256,
+                                         qkv_rows=16, qkv_block_k=512, gate_up_rows=16,
+                                         lm_rows=16)),
+        # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles; QKV chunks
+        # of about 16 KB of weights, as in the model dtype (not 8K elements).
+        ("llama-3.1-8b", 1, "int4", dict(tensor_cores=1, qkv_rows=32, qkv_block_k=512,
                                          gate_up_rows=32, lm_rows=32, down_rows=32)),
         ("llama-3.2-1b", 1, "int4", dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
                                          lm_rows=32, o_rows=16)),

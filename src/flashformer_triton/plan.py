@@ -191,8 +191,12 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # 6.74; bench/NOTES.md row 45).
     if batch >= 8:
         stages = max(3, stages - 1)
-    # A QKV chunk keeps about 8K elements, in at most block_k columns.
-    qkv_block_k = max(32, min(block_k, 8192 // qkv_rows))
+    # A QKV chunk keeps about 16 KB of weights (8K bf16 elements), in at most block_k columns.
+    # int4 codes take four times the elements: 512 columns of 32 rows (8 KB) where 8K gave 256
+    # (4 KB a chunk, and each QKV task streamed ~6 GB/s; 8B int4 2.460 -> 2.320 ms, 1B 0.580
+    # -> 0.563, bench/NOTES.md Q26).
+    per_chunk = 8192 * 16 // quant.bits if quant else 8192
+    qkv_block_k = max(32, min(block_k, per_chunk // qkv_rows))
     if quant and quant.group_size:  # a chunk holds whole groups
         qkv_block_k = max(qkv_block_k, quant.group_size)
     # Batch 1 on the FMA path accumulates a whole [rows, k-chunk] tile in registers
