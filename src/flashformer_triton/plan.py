@@ -211,7 +211,10 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # early and have their first chunks in flight by then; with every program on O-proj (1B, 8
     # rows) all switched at once and that burst of loads held up the counter polls ~2 us (1B
     # 1.058 -> 1.042 ms, KV 32000 1.443 -> 1.423; bench/NOTES.md row 42).
-    o_rows = (32 if batch > 8 and wide else 16 if math.ceil(d / 16) <= programs
+    # int4 at batch 1 takes 32 rows there too: its 16-row O-proj tasks (4 KB chunks) streamed
+    # ~7 GB/s each (8B int4 2.338 -> 2.271 ms over two runs; 1B, 64 tasks: 0.577 -> 0.641;
+    # bench/NOTES.md Q26).
+    o_rows = (32 if (batch > 8 or wide_int4) and wide else 16 if math.ceil(d / 16) <= programs
               else rows_for(d))
     # The down projection in two halves of F, with rows for about one task per program (1B:
     # 16, 8B: 32): a half starts as soon as its gate/up tiles are done, which fills the
