@@ -369,24 +369,22 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
         if F16_CODES and not HAS_ZEROS:
             # Symmetric codes minus 8 are exact fp16 operands: the groups' scales multiply
             # the dot's [groups, BN, BP] sums in fp32 rather than every weight (a packed
-            # multiply per two weights, a fifth of the loop's instructions).
+            # multiply per two weights was a fifth of the loop's instructions; 8B int4 2.533
+            # -> 2.432 ms, bench/NOTES.md Q25).
             lo, hi = _int4_to_f16(w, True)
             scale, _ = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, False, True)
-            sums = _dot(lo, xe.to(lo.dtype), DOT_PREC) + _dot(hi, xo.to(hi.dtype), DOT_PREC)
-            return sums * scale[:, :, None]
-        if F16_CODES:
-            # fp16 operands (finer than bf16): code * scale - zero * scale, one rounding.
-            lo, hi = _int4_to_f16(w, not HAS_ZEROS)
-            scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
-                                        HAS_ZEROS, True)
+            sum_scale = scale[:, :, None]
+        elif F16_CODES:
+            # Zero points: fp16 operands (finer than bf16), code * scale - zero * scale with
+            # one rounding.
+            lo, hi = _int4_to_f16(w, False)
+            scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, True,
+                                        True)
             scale16 = scale.to(tl.float16)[:, :, None]
-            if HAS_ZEROS:
-                zs = (zero * scale).to(tl.float16)[:, :, None]
-                lo = tl.fma(lo, scale16, -zs)
-                hi = tl.fma(hi, scale16, -zs)
-            else:
-                lo = lo * scale16
-                hi = hi * scale16
+            zs = (zero * scale).to(tl.float16)[:, :, None]
+            lo = tl.fma(lo, scale16, -zs)
+            hi = tl.fma(hi, scale16, -zs)
+            sum_scale = 1.0  # (in the operands)
         else:
             lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
                                         HAS_ZEROS, True)
@@ -395,7 +393,9 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
             if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
                 lo = lo.to(XDT)
                 hi = hi.to(XDT)
+            sum_scale = 1.0
         out = _dot(lo, xe.to(lo.dtype), DOT_PREC) + _dot(hi, xo.to(hi.dtype), DOT_PREC)
+        out = out * sum_scale
     else:
         SUB: tl.constexpr = BK // KSPLIT
         cols = (k0 + tl.arange(0, KSPLIT)[:, None, None] * SUB
