@@ -532,12 +532,22 @@ def _load_rows(v_ptr, rows, row_mask, B: tl.constexpr, BP: tl.constexpr, D: tl.c
 
 
 @triton.jit
+def _publish_inputs(h_ptr, g_ptr, rows, row_mask, B: tl.constexpr, BP: tl.constexpr,
+                    D: tl.constexpr):
+    """What _publish_rows needs besides a task's result: the residual stream's rows h[:, rows]
+    as they are (another program wrote them) and the next RMSNorm's weights g[rows]."""
+    h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+    return h, g
+
+
+@triton.jit
 def _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h, B: tl.constexpr,
                   BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
     """Store the residual stream's new h[:, rows] (each row has one writer per stage) and
     what the readers of the next RMSNorm (weights g[rows]) need: xn = h * g in the model
     dtype and this tile's sum of h^2 per sequence, ss[b, tile]. The callers load h's old
-    value and g (before their GEMV up to EARLY_LOADS_MAX_BP)."""
+    value and g (_publish_inputs; before their GEMV up to EARLY_LOADS_MAX_BP)."""
     bidx = tl.arange(0, BP)
     bmask = bidx < B
     mask = bmask[:, None] & row_mask[None, :]
@@ -792,15 +802,13 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
              IGNORE_DEPS, PROFILE):
         if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
-            h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
-            g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+            h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, x_ptr, B,
                     BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT,
                     PTX)
         if SPLITS == 1:
             if BP > EARLY_LOADS_MAX_BP:
-                h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
-                g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+                h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
             _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + acc, B, BP, D,
                           BN)
             _signal(counters_ptr, signal_ctr)
@@ -810,8 +818,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
             mask = (bidx < B)[:, None] & row_mask[None, :]
             tl.store(partial_ptr + part * (B * D) + offs, acc, mask=mask)
             if _arrive(counters_ptr, arrive_ctr) == SPLITS - 1:
-                h = _load_rows(h_ptr, rows, row_mask, B, BP, D)
-                g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
+                h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
                 total = tl.zeros([BP, BN], dtype=tl.float32)
                 for p in tl.static_range(SPLITS):  # unrolled: every load in one round trip
                     total += _load_rows(partial_ptr + p * (B * D), rows, row_mask, B, BP, D)
