@@ -732,10 +732,15 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
         m = m_new
-    row = (seq * H + heads) * NSPLIT + split
-    tl.store(part_m_ptr + row, m, mask=gmask)
-    tl.store(part_l_ptr + row, l, mask=gmask)
-    tl.store(part_o_ptr + row[:, None] * HD + d[None, :], acc, mask=gmask[:, None])
+    if NSPLIT == 1:  # the whole cache: the output itself, nothing to merge
+        tl.store(part_o_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :],
+                 (acc / tl.where(gmask, l, 1.0)[:, None]).to(part_o_ptr.dtype.element_ty),
+                 mask=gmask[:, None])
+    else:
+        row = (seq * H + heads) * NSPLIT + split
+        tl.store(part_m_ptr + row, m, mask=gmask)
+        tl.store(part_l_ptr + row, l, mask=gmask)
+        tl.store(part_o_ptr + row[:, None] * HD + d[None, :], acc, mask=gmask[:, None])
 
 
 @triton.jit
@@ -908,15 +913,21 @@ def decode_step_kernel(
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
-                              part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
-                              NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
-                # Publish the partial; the split that arrives last (acquiring the others')
-                # merges all of them and signals the layer's merge counter.
-                if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
-                    _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH, HD,
-                                GP, NSPLIT, NSPLIT_P)
+                if NSPLIT == 1:  # one task per (sequence, kv head) writes attn itself
+                    _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
+                                  part_m_ptr, part_l_ptr, attn_ptr, B, H, KVH, HD, S_MAX, GP,
+                                  NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
                     _signal(counters_ptr, signal_ctr)
+                else:
+                    _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
+                                  part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
+                                  NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
+                    # Publish the partial; the split that arrives last (acquiring the others')
+                    # merges all of them and signals the layer's merge counter.
+                    if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
+                        _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH,
+                                    HD, GP, NSPLIT, NSPLIT_P)
+                        _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
             # Publishes h for the post-attention norm of this layer.
             _residual_task(a, 0, layer_w + OFF_O, layer_s + SOFF_O, layer_z + SOFF_O, Q,

@@ -174,6 +174,17 @@ def test_down_projection_split_over_f(batch: str, dtype: torch.dtype) -> None:
     _run_and_compare(pair, lengths, steps=2, dtype=dtype)
 
 
+@pytest.mark.parametrize("kv_splits", [1, 2])
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_attention_kv_splits(batch: str, kv_splits: int) -> None:
+    """kv_splits=1: one task per (sequence, kv head) writes the attention output itself (no
+    partials, no merge); 2: two partials merged by the split that arrives last."""
+    lengths = BATCHES[batch]
+    pair = _pair("llama", batch=len(lengths), dtype=torch.float32, kv_splits=kv_splits)
+    assert pair.plan.constexprs()["NSPLIT"] == kv_splits
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("static", [0, 1])
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_static_schedule_and_queue_match(batch: str, static: int) -> None:
