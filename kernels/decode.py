@@ -701,7 +701,9 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
     (positions 0..pos of this sequence, split in NSPLIT runs of whole BS blocks). The blocks
     go through Triton's pipeliner, STAGES deep: one block at a time left a long cache's
     stream latency-bound (1B at KV 32000: 1.589 -> 1.393 ms, bench/NOTES.md row 41).
-    pos: the sequence's position, loaded before the task's wait (the host wrote it)."""
+    pos: the sequence's position, loaded before the task's wait (the host wrote it).
+    Stores the split's running max, sum and unnormalised output; with NSPLIT 1, part_o_ptr
+    is attn and the normalised output goes there (part_m_ptr/part_l_ptr unused)."""
     G: tl.constexpr = H // KVH
     n_ctx = tl.minimum(pos + 1, S_MAX)
     per_split = tl.cdiv(tl.cdiv(n_ctx, NSPLIT), BS) * BS
