@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import GPU_ORACLE as ORACLE
-from helpers import HAS_CUDA, assert_close
+from helpers import GPU_ORACLE, HAS_CUDA, assert_close
 
 from flashformer_triton.config import preset
 from flashformer_triton.loading import random_state_dict
@@ -36,9 +35,9 @@ def random_model(shape: str, *, max_batch: int, max_seq: int, ref_dtype: torch.d
     return config, weights, ref
 
 
-@pytest.fixture(scope="module", params=list(ORACLE))
+@pytest.fixture(scope="module", params=list(GPU_ORACLE))
 def model(request):
-    ref_dtype, tolerance = ORACLE[request.param]
+    ref_dtype, tolerance = GPU_ORACLE[request.param]
     config, weights, ref = random_model(request.param, max_batch=8, max_seq=MAX_SEQ,
                                         ref_dtype=ref_dtype, check_positions=False)
     yield config, weights, ref, tolerance
@@ -52,9 +51,19 @@ def test_real_shape_matches_reference(model, batch: int, pos: int) -> None:
     check_step(model, batch, pos, MAX_SEQ)
 
 
-def check_step(model, batch: int, pos: int, max_seq: int) -> None:
+def test_batch16_one_attention_split() -> None:
+    """Batch 16 on a 1024-position cache, where the plan takes one attention task per
+    (sequence, kv head) on an H100 and that task writes the output itself (no merge); ragged
+    positions up to 1000, so a task runs up to 16 cache blocks."""
+    ref_dtype, tolerance = GPU_ORACLE["llama-3.2-1b"]
+    config, weights, ref = random_model("llama-3.2-1b", max_batch=16, max_seq=1024,
+                                        ref_dtype=ref_dtype, check_positions=False)
+    check_step((config, weights, ref, tolerance), 16, 1000, 1024, kv_splits=1)
+
+
+def check_step(model, batch: int, pos: int, max_seq: int, **tiles: int) -> None:
     config, weights, ref, tolerance = model
-    plan = make_plan(config, batch=batch, max_seq_len=max_seq, dtype=torch.bfloat16)
+    plan = make_plan(config, batch=batch, max_seq_len=max_seq, dtype=torch.bfloat16, **tiles)
     gen = torch.Generator(device="cuda").manual_seed(pos + batch)
     # Ragged positions around `pos`; the same random (bf16) history below each in both caches.
     positions = torch.tensor([max(0, pos - 37 * i) for i in range(batch)], device="cuda")

@@ -118,43 +118,51 @@ def test_summary_is_one_screen(plan) -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape", "batch", "weights", "expected"),
+    ("shape", "batch", "weights", "cache", "expected"),
     [
         # Down projection in halves of F with about one task per program, where the FMA path
         # keeps 16 rows or fewer; L2 hints of a quarter of the hidden size (512..1024);
         # O-proj on at most one task per program; batch 1: an attention split per 64 cache
         # positions, up to one task per program (264 / 8 kv heads -> 32). Pipeline stages:
         # about 1024 columns in flight, one stage fewer from batch 8, not below 3.
-        ("llama-3.2-1b", 1, None, dict(down_splits=2, down_rows=16, l2_prefetch_k=512,
-                                       o_rows=16, kv_splits=32, pipeline_stages=5)),
-        ("llama-3.1-8b", 1, None, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
-                                       o_rows=16, kv_splits=32)),
-        ("llama-3.1-8b", 1, "int8", dict(down_splits=2, down_rows=32, tensor_cores=1,
-                                         qkv_rows=16, qkv_block_k=512, gate_up_rows=16,
-                                         lm_rows=16)),
+        ("llama-3.2-1b", 1, None, 4096, dict(down_splits=2, down_rows=16, l2_prefetch_k=512,
+                                             o_rows=16, kv_splits=32, pipeline_stages=5)),
+        ("llama-3.1-8b", 1, None, 4096, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
+                                             o_rows=16, kv_splits=32)),
+        ("llama-3.1-8b", 1, "int8", 4096, dict(down_splits=2, down_rows=32, tensor_cores=1,
+                                               qkv_rows=16, qkv_block_k=512, gate_up_rows=16,
+                                               lm_rows=16)),
         # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles; QKV chunks
         # of about 16 KB of weights, as in the model dtype (not 8K elements); 32-row O-proj
         # tiles where that still gives a task per SM (8B, not 1B).
-        ("llama-3.1-8b", 1, "int4", dict(tensor_cores=1, qkv_rows=32, qkv_block_k=512,
-                                         gate_up_rows=32, lm_rows=32, o_rows=32,
-                                         down_rows=32)),
-        ("llama-3.2-1b", 1, "int4", dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
-                                         lm_rows=32, o_rows=16)),
-        ("llama-3.1-8b", 4, None, dict(down_splits=2, down_rows=32, kv_splits=8)),
-        ("llama-3.1-8b", 16, None, dict(down_splits=2, down_rows=32, o_rows=32, kv_splits=2,
-                                        pipeline_stages=3)),
-        ("llama-3.2-1b", 8, None, dict(pipeline_stages=4)),
-        ("llama-3.2-1b", 16, None, dict(down_splits=2, down_rows=16, o_rows=16,
-                                        pipeline_stages=4)),
+        ("llama-3.1-8b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, qkv_block_k=512,
+                                               gate_up_rows=32, lm_rows=32, o_rows=32,
+                                               down_rows=32)),
+        ("llama-3.2-1b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
+                                               lm_rows=32, o_rows=16)),
+        ("llama-3.1-8b", 4, None, 4096, dict(down_splits=2, down_rows=32, kv_splits=8)),
+        ("llama-3.1-8b", 16, None, 4096, dict(down_splits=2, down_rows=32, o_rows=32, kv_splits=2,
+                                              pipeline_stages=3)),
+        ("llama-3.2-1b", 8, None, 4096, dict(pipeline_stages=4)),
+        ("llama-3.2-1b", 16, None, 4096, dict(down_splits=2, down_rows=16, o_rows=16,
+                                              pipeline_stages=4)),
+        # A hidden size that is no power of two: hints of 512 columns (768 rounded down);
+        # at batch 16 its 96 O-proj tiles of 32 rows.
+        ("llama-3.2-3b", 4, None, 4096, dict(l2_prefetch_k=512, o_rows=16)),
+        ("llama-3.2-3b", 16, None, 4096, dict(l2_prefetch_k=512, o_rows=32, kv_splits=2)),
+        # A short cache at batch 16: one attention task per (sequence, kv head), no merge.
+        ("llama-3.2-1b", 16, None, 1024, dict(kv_splits=1)),
+        ("llama-3.1-8b", 16, None, 1024, dict(kv_splits=1, o_rows=32)),
+        ("llama-3.1-8b", 8, None, 1024, dict(kv_splits=4)),
     ],
 )
-def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None,
+def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None, cache: int,
                                   expected: dict) -> None:
     from flashformer_triton.quantize import QuantScheme
 
     quant = {"int8": QuantScheme(bits=8), "int4": QuantScheme(bits=4, group_size=128),
              None: None}[weights]
-    tiles = default_tiles(preset(shape), batch, 4096, H100, quant)
+    tiles = default_tiles(preset(shape), batch, cache, H100, quant)
     assert tiles.static_schedule == 1
     assert {name: getattr(tiles, name) for name in expected} == expected
 

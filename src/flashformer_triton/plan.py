@@ -148,6 +148,13 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     per_split = Tiles.block_s if batch == 1 else 256
     splits = max(1, min(per_program, max_seq_len // per_split, 64))
     splits = 1 << int(math.log2(splits))
+    # Where that leaves at most two splits (batch 16 with 8 kv heads) and the cache is short,
+    # one task per (sequence, kv head) writing its output itself beats two and their merge
+    # (batch 16 at KV 512, 1024 cache: 1B 1.319 -> 1.304 ms, 3B 3.461 -> 3.332, 8B 6.587 ->
+    # 6.415); over longer caches the serial blocks cost more (1B at KV 2000: 1.577 -> 1.655;
+    # bench/NOTES.md row 55).
+    if per_program <= 2 and max_seq_len <= 1024:
+        splits = 1
 
     # Quantized weights on tensor cores at batch 1 too: their fp16 operands take int8 codes in
     # 1.25 instructions each and int4 in 2 (kernels/decode.py _int8_to_f16, _int4_to_f16)
@@ -206,6 +213,10 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # O/down tiles halve that traffic where the stage still has a task per SM (8B and
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
     wide = d // 32 >= gpu.num_sms * 0.9  # 32-row tiles still give a task per SM
+    # At batch > 8, 3B's 96 tasks of 32 rows for 132 SMs are still faster than 192 of 16
+    # (with one kv split and 512-column hints: 3.393 -> 3.274 ms, bench/NOTES.md row 55);
+    # 1B's 64 are not.
+    wide_batched = batch > 8 and d // 32 >= gpu.num_sms * 0.7
     # O-proj ends the attention chain, and the gate/up tasks after it start when it ends. On
     # at most one task per program (16 rows), the programs left over start their gate/up tasks
     # early and have their first chunks in flight by then; with every program on O-proj (1B, 8
@@ -214,7 +225,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # int4 at batch 1 takes 32 rows there too: its 16-row O-proj tasks (4 KB chunks) streamed
     # ~7 GB/s each (8B int4 2.338 -> 2.271 ms over two runs; 1B, 64 tasks: 0.577 -> 0.641;
     # bench/NOTES.md Q26).
-    o_rows = (32 if (batch > 8 or wide_int4) and wide else 16 if math.ceil(d / 16) <= programs
+    o_rows = (32 if wide_batched or (wide_int4 and wide) else 16 if math.ceil(d / 16) <= programs
               else rows_for(d))
     # The down projection in two halves of F, with rows for about one task per program (1B:
     # 16, 8B: 32): a half starts as soon as its gate/up tiles are done, which fills the
@@ -230,10 +241,11 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
             and split_rows <= (32 if use_dot else 16)):
         down_rows, down_splits = split_rows, 2
     # Before its wait a task hints the next columns of its tile into L2, so the chunks after
-    # the first come from L2 once the wait ends: a quarter of the hidden size, 512..1024
-    # columns (1B bf16 1.140 -> 1.118 ms, 8B 5.72 -> 5.59, 8B int8 3.45 -> 3.34; a whole
-    # tile: slower, bench/NOTES.md rows 34-35).
-    l2_prefetch_k = max(512, min(1024, _pow2(d // 4)))
+    # the first come from L2 once the wait ends: about a quarter of the hidden size (rounded
+    # down to a power of two), 512..1024 columns (1B bf16 1.140 -> 1.118 ms, 8B 5.72 -> 5.59,
+    # 8B int8 3.45 -> 3.34; a whole tile: slower, bench/NOTES.md rows 34-35; 3B at 512
+    # rather than 1024: batch 4 2.788 -> 2.739 ms, batch 1 the same, row 55).
+    l2_prefetch_k = max(512, min(1024, 1 << int(math.log2(max(1, d // 4)))))
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
