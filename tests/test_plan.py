@@ -26,6 +26,7 @@ CASES = {
     "1b-b1": ("llama-3.2-1b", 1, {}),
     "1b-b1-down4": ("llama-3.2-1b", 1, {"down_splits": 4}),
     "8b-b8": ("llama-3.1-8b", 8, {}),
+    "3b-b16-kv1": ("llama-3.2-3b", 16, {"kv_splits": 1}),
     "8b-b1-down2": ("llama-3.1-8b", 1, {"down_splits": 2}),
     "qwen3-8b-b4": ("qwen3-8b", 4, {}),
 }

@@ -532,8 +532,10 @@ def make_plan(
         for g in range(c.num_kv_heads):  # in the order the groups' QKV tasks complete
             for seq in range(batch):
                 # Each split arrives here; the one that brings it to kv_splits merges and
-                # signals `merged` (once per sequence and kv head).
-                arrivals = ctr.arrival(f"L{layer}.attn[b{seq},g{g}]", t.kv_splits)
+                # signals `merged` (once per sequence and kv head). One split merges nothing:
+                # it writes the output and signals itself.
+                arrivals = (ctr.arrival(f"L{layer}.attn[b{seq},g{g}]", t.kv_splits)
+                            if t.kv_splits > 1 else NO_COUNTER)
                 for split in range(t.kv_splits):
                     add(Task(Op.ATTN, layer, seq, g, split, group_ctrs[g],
                              ctr.targets[group_ctrs[g]], merged, arrivals))
