@@ -691,8 +691,20 @@ def _finish_head(layer, head, x, dims, pos, cos, sin, norms_ptr, q_ptr, k_cache_
 
 
 @triton.jit
+def _store_attn(attn_ptr, seq, kvh, out, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
+                GP: tl.constexpr):
+    """attn[seq, query heads of kv group kvh] = out [GP, HD] (rows past the group's heads
+    are padding), in attn's dtype."""
+    G: tl.constexpr = H // KVH
+    g = tl.arange(0, GP)
+    heads = kvh * G + g
+    tl.store(attn_ptr + seq * (H * HD) + heads[:, None] * HD + tl.arange(0, HD)[None, :],
+             out.to(attn_ptr.dtype.element_ty), mask=(g < G)[:, None])
+
+
+@triton.jit
 def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
-                  part_m_ptr, part_l_ptr, part_o_ptr,
+                  part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
                   B: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                   S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
                   SM_SCALE: tl.constexpr, BS: tl.constexpr, STAGES: tl.constexpr,
@@ -702,8 +714,8 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
     go through Triton's pipeliner, STAGES deep: one block at a time left a long cache's
     stream latency-bound (1B at KV 32000: 1.589 -> 1.393 ms, bench/NOTES.md row 41).
     pos: the sequence's position, loaded before the task's wait (the host wrote it).
-    Stores the split's running max, sum and unnormalised output; with NSPLIT 1, part_o_ptr
-    is attn and the normalised output goes there (part_m_ptr/part_l_ptr unused)."""
+    Stores the split's running max, sum and unnormalised output (part_*), or with NSPLIT 1
+    the normalised output itself (attn)."""
     G: tl.constexpr = H // KVH
     n_ctx = tl.minimum(pos + 1, S_MAX)
     per_split = tl.cdiv(tl.cdiv(n_ctx, NSPLIT), BS) * BS
@@ -735,9 +747,7 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
         m = m_new
     if NSPLIT == 1:  # the whole cache: the output itself, nothing to merge
-        tl.store(part_o_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :],
-                 (acc / tl.where(gmask, l, 1.0)[:, None]).to(part_o_ptr.dtype.element_ty),
-                 mask=gmask[:, None])
+        _store_attn(attn_ptr, seq, kvh, acc / tl.where(gmask, l, 1.0)[:, None], H, KVH, HD, GP)
     else:
         row = (seq * H + heads) * NSPLIT + split
         tl.store(part_m_ptr + row, m, mask=gmask)
@@ -777,9 +787,7 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
                       + d[None, None, :], mask=mask_b[:, :, None], other=0.0,
                       cache_modifier=".cg")
         acc += tl.sum(o_s * tl.exp(m_s - m_all[:, None])[:, :, None], axis=1)
-    out = acc / tl.where(gmask, denom, 1.0)[:, None]
-    tl.store(attn_ptr + seq * (H * HD) + heads[:, None] * HD + d[None, :],
-             out.to(attn_ptr.dtype.element_ty), mask=gmask[:, None])
+    _store_attn(attn_ptr, seq, kvh, acc / tl.where(gmask, denom, 1.0)[:, None], H, KVH, HD, GP)
 
 
 @triton.jit
@@ -915,15 +923,12 @@ def decode_step_kernel(
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                if NSPLIT == 1:  # one task per (sequence, kv head) writes attn itself
-                    _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
-                                  part_m_ptr, part_l_ptr, attn_ptr, B, H, KVH, HD, S_MAX, GP,
-                                  NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
+                _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
+                              part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, B, H, KVH, HD, S_MAX,
+                              GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
+                if NSPLIT == 1:  # one task per (sequence, kv head) wrote attn itself
                     _signal(counters_ptr, signal_ctr)
                 else:
-                    _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
-                                  part_m_ptr, part_l_ptr, part_o_ptr, B, H, KVH, HD, S_MAX, GP,
-                                  NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
                     # Publish the partial; the split that arrives last (acquiring the others')
                     # merges all of them and signals the layer's merge counter.
                     if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
