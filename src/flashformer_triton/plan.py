@@ -130,7 +130,13 @@ def _on_tensor_cores(batch: int, tensor_cores: int) -> bool:
 
 
 def _pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def _floor_pow2(n: int) -> int:
+    """The largest power of two <= n (1 for n <= 1)."""
+    return 1 << int(math.log2(max(1, n)))
 
 
 def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpec,
@@ -147,7 +153,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     per_program = programs // (batch * config.num_kv_heads)
     per_split = Tiles.block_s if batch == 1 else 256
     splits = max(1, min(per_program, max_seq_len // per_split, 64))
-    splits = 1 << int(math.log2(splits))
+    splits = _floor_pow2(splits)
     # Where that leaves at most two splits (batch 16 with 8 kv heads) and the cache is short,
     # one task per (sequence, kv head) writing its output itself beats two and their merge
     # (batch 16 at KV 512, 1024 cache: 1B 1.319 -> 1.304 ms, 3B 3.461 -> 3.332, 8B 6.587 ->
@@ -190,7 +196,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # columns, 1.29 -> 1.21 ms), with about 1024 columns of a tile in flight. Quantized chunks
     # are 2-4x fewer bytes already: 512 columns (1B int8: 1.28 ms at 256, 1.04 at 512).
     # (bench/NOTES.md rows 20-22, Q9-Q11.)
-    block_k = 512 if quant else max(256, min(512, 1 << int(math.log2(max(1, d // 8)))))
+    block_k = 512 if quant else max(256, min(512, _floor_pow2(d // 8)))
     stages = 1 + 1024 // block_k
     # From batch 8, x's chunk ([batch, k-chunk]) goes through the pipeline's shared memory
     # next to the weights' and is as big: one stage fewer, not below 3 (1B batch 16 1.372 ->
@@ -245,7 +251,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # down to a power of two), 512..1024 columns (1B bf16 1.140 -> 1.118 ms, 8B 5.72 -> 5.59,
     # 8B int8 3.45 -> 3.34; a whole tile: slower, bench/NOTES.md rows 34-35; 3B at 512
     # rather than 1024: batch 4 2.788 -> 2.739 ms, batch 1 the same, row 55).
-    l2_prefetch_k = max(512, min(1024, 1 << int(math.log2(max(1, d // 4)))))
+    l2_prefetch_k = max(512, min(1024, _floor_pow2(d // 4)))
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
