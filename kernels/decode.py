@@ -138,7 +138,8 @@ def _arrive(counters_ptr, counter):
 # tensor_cores) on tensor cores with the weights as the matmul's M operand (x^T is the N
 # operand: the batch, padded to a power of two). There a chunk's
 # columns are cut in KSPLIT blocks (int4: its groups) that form the batch dimension of one
-# 3-D tl.dot: each warp owns a block, so no warp reloads another's weights.
+# 3-D tl.dot: each warp owns a block, so no warp reloads another's weights. KSPLIT 1 (plan
+# tile plain_dot, and tiles of 64 rows or more) multiplies the chunk as one 2-D dot instead.
 #
 # Up to this padded batch, a task requests the loads that need no weights (the residual
 # rows and norm weights, the norm's 1/rms, RoPE's angles) before its weight stream, so their
@@ -153,9 +154,9 @@ def _load_w(w_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
             GROUP: tl.constexpr, USE_DOT: tl.constexpr, KSPLIT: tl.constexpr):
     """The stored codes of the [rows, BK] chunk at column k0 of a row-major [?, K] weight
     matrix (read once: evict first). Model dtype or int8: [BN, BK], or [KSPLIT, BN, BK/KSPLIT]
-    for tl.dot. int4 (two columns per byte): the chunk's BK/GROUP groups as [BN, groups,
-    GROUP/2] bytes, or [groups, BN, GROUP/2] for tl.dot, so each group meets its scale by
-    broadcasting."""
+    for tl.dot with KSPLIT > 1. int4 (two columns per byte): the chunk's BK/GROUP groups as
+    [BN, groups, GROUP/2] bytes, or [groups, BN, GROUP/2] for tl.dot, so each group meets its
+    scale by broadcasting."""
     if WBITS == 4:
         HALF_G: tl.constexpr = GROUP // 2
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
@@ -167,7 +168,7 @@ def _load_w(w_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
         else:
             offs = rows[:, None, None] * (K // 2) + grp[None, :, None] * HALF_G + byte
             mask = row_mask[:, None, None] & gmask[None, :, None]
-    elif USE_DOT:
+    elif USE_DOT and KSPLIT > 1:
         SUB: tl.constexpr = BK // KSPLIT
         kk = (k0 + tl.arange(0, KSPLIT)[:, None, None] * SUB
               + tl.arange(0, SUB)[None, None, :])
@@ -397,10 +398,13 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
         out = _dot(lo, xe.to(lo.dtype), DOT_PREC) + _dot(hi, xo.to(hi.dtype), DOT_PREC)
         out = out * sum_scale
     else:
-        SUB: tl.constexpr = BK // KSPLIT
-        cols = (k0 + tl.arange(0, KSPLIT)[:, None, None] * SUB
-                + tl.arange(0, SUB)[None, :, None])
-        x = _load_xt(x_ptr, tl.arange(0, BP)[None, None, :], cols, K, B)
+        if KSPLIT == 1:  # [BN, BK] @ [BK, BP]
+            x = _load_xt(x_ptr, tl.arange(0, BP)[None, :], k0 + tl.arange(0, BK)[:, None], K, B)
+        else:
+            SUB: tl.constexpr = BK // KSPLIT
+            cols = (k0 + tl.arange(0, KSPLIT)[:, None, None] * SUB
+                    + tl.arange(0, SUB)[None, :, None])
+            x = _load_xt(x_ptr, tl.arange(0, BP)[None, None, :], cols, K, B)
         if WBITS == 8:
             if F16_CODES:
                 w = _int8_to_f16(w)
@@ -466,6 +470,8 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
     if USE_DOT:
         if WBITS == 4:
             acc = tl.zeros([BK // GROUP, BN, BP], dtype=tl.float32)
+        elif KSPLIT == 1:
+            acc = tl.zeros([BN, BP], dtype=tl.float32)
         else:
             acc = tl.zeros([KSPLIT, BN, BP], dtype=tl.float32)
     elif WBITS == 4:
@@ -491,7 +497,9 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
             acc = _accumulate(acc, w_cur, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP,
                               BK, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     # The one cross-thread reduction of the tile.
-    if USE_DOT:
+    if USE_DOT and WBITS != 4 and KSPLIT == 1:
+        out = tl.trans(acc)
+    elif USE_DOT:
         out = tl.trans(tl.sum(acc, axis=0))
     elif WBITS == 4:
         out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]

@@ -53,8 +53,9 @@ def test_real_shape_matches_reference(model, batch: int, pos: int) -> None:
 
 def test_batch16_one_attention_split() -> None:
     """Batch 16 on a 1024-position cache, where the plan takes one attention task per
-    (sequence, kv head) on an H100 and that task writes the output itself (no merge); ragged
-    positions up to 1000, so a task runs up to 16 cache blocks."""
+    (sequence, kv head) on an H100 and that task writes the output itself (no merge), and
+    multiplies each weight chunk as one 2-D dot (plain_dot); ragged positions up to 1000, so
+    a task runs up to 16 cache blocks."""
     ref_dtype, tolerance = GPU_ORACLE["llama-3.2-1b"]
     config, weights, ref = random_model("llama-3.2-1b", max_batch=16, max_seq=1024,
                                         ref_dtype=ref_dtype, check_positions=False)

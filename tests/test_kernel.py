@@ -185,6 +185,18 @@ def test_attention_kv_splits(batch: str, kv_splits: int) -> None:
     _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("plain_dot", [0, 1])
+def test_tensor_core_chunks_as_one_dot_or_column_blocks(plain_dot: int, dtype) -> None:
+    """Batch > 1 on tensor cores: plain_dot=1 multiplies each chunk as one 2-D dot (KSPLIT 1),
+    0 as a 3-D dot over column blocks, one per warp."""
+    lengths = BATCHES["b3-ragged"]
+    pair = _pair("llama", batch=len(lengths), dtype=dtype, plain_dot=plain_dot)
+    ksplit = pair.plan.constexprs()["KSPLIT"], pair.plan.constexprs()["KSPLIT_QKV"]
+    assert (ksplit == (1, 1)) == bool(plain_dot), ksplit
+    _run_and_compare(pair, lengths, steps=2, dtype=dtype)
+
+
 @pytest.mark.parametrize("static", [0, 1])
 @pytest.mark.parametrize("batch", list(BATCHES))
 def test_static_schedule_and_queue_match(batch: str, static: int) -> None:

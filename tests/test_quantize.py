@@ -265,6 +265,15 @@ def test_kernel_with_activations_in_the_model_dtype(scheme: str) -> None:
     _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
 
 
+def test_kernel_int8_chunks_as_one_dot() -> None:
+    """plain_dot=1 with int8 codes (the plan's rule sets it for model-dtype weights only)."""
+    lengths = BATCHES["b3-ragged"]
+    pair = _pair("llama", batch=len(lengths), dtype=torch.bfloat16, quant=SCHEMES["int8"],
+                 plain_dot=1)
+    assert pair.plan.constexprs()["KSPLIT"] == 1
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4-asym"])
 def test_kernel_quantized_down_projection_split_over_f(scheme: str) -> None:
     """down_splits=5 (parts of 32 columns: whole int4 groups) with quantized weights."""

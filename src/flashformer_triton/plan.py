@@ -103,6 +103,9 @@ class Tiles:
     # 1: program p runs tasks p, p + grid, p + 2 grid, ... instead of popping the queue (no
     # pop round trip; every program must be resident at once).
     static_schedule: int = 0
+    # 1: the tensor-core GEMVs (model dtype, int8) multiply each chunk as one 2-D dot rather
+    # than as one column block per warp (dot_ksplit).
+    plain_dot: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,11 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # 8B int8 3.45 -> 3.34; a whole tile: slower, bench/NOTES.md rows 34-35; 3B at 512
     # rather than 1024: batch 4 2.788 -> 2.739 ms, batch 1 the same, row 55).
     l2_prefetch_k = max(512, min(1024, _floor_pow2(d // 4)))
+    # At batch > 8, hidden sizes up to 3072 stream faster with each chunk as one 2-D dot than
+    # with a column block per warp (1B batch 16 1.301 / 1.288 -> 1.261 / 1.270 ms, 3B 3.272 ->
+    # 3.238); 8B spills (6.394 -> 6.766) and batch 4 is slower (1B 1.094 -> 1.130; bench/NOTES.md
+    # row 56).
+    plain_dot = int(batch > 8 and quant is None and d <= 3072)
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
@@ -259,7 +267,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
                  tensor_cores=tensor_cores, fp16_activations=tensor_cores,
                  o_rows=o_rows, down_rows=down_rows, down_splits=down_splits,
                  gate_up_rows=gate_up_rows, lm_rows=lm_rows, block_k=block_k,
-                 pipeline_stages=stages)
+                 pipeline_stages=stages, plain_dot=plain_dot)
 
 
 @dataclass
@@ -315,7 +323,9 @@ class Plan:
         16-deep MMA step) while a tile has fewer rows than the warps' 16-row MMA tiles; from
         there the warps split the rows (Qwen3's whole-head QKV tiles: 128 rows)."""
         warps = self.tiles.num_warps
-        return 1 if rows >= 16 * warps else max(1, min(warps, block_k // 16))
+        if self.tiles.plain_dot or rows >= 16 * warps:
+            return 1  # one 2-D dot a chunk
+        return max(1, min(warps, block_k // 16))
 
     def norm_parts(self) -> tuple[int, int]:
         """Sums of squares per sequence that the producers of h write: (O-proj tiles, down
