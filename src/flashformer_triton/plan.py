@@ -321,7 +321,7 @@ class Plan:
     def dot_ksplit(self, rows: int, block_k: int) -> int:
         """Column blocks per streamed chunk on tensor cores: one per warp (each at least one
         16-deep MMA step) while a tile has fewer rows than the warps' 16-row MMA tiles; from
-        there, and with the plain_dot tile, one: a 2-D dot whose rows the warps split."""
+        there, and with the plain_dot tile, one: a single 2-D dot (Triton lays the warps out)."""
         warps = self.tiles.num_warps
         if self.tiles.plain_dot or rows >= 16 * warps:
             return 1  # one 2-D dot a chunk
