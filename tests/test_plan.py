@@ -142,11 +142,12 @@ def test_summary_is_one_screen(plan) -> None:
         ("llama-3.2-1b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
                                                lm_rows=32, o_rows=16)),
         ("llama-3.1-8b", 4, None, 4096, dict(down_splits=2, down_rows=32, kv_splits=8)),
-        # Chunks as one 2-D dot at batch > 8 up to 3072 hidden (1B, 3B; not 8B, batch 8, int8).
+        # Chunks as one 2-D dot at batch > 8 up to 3072 hidden (1B, 3B; not 8B, batch 8, int8),
+        # and with it down halves of at least 32 rows.
         ("llama-3.1-8b", 16, None, 4096, dict(down_splits=2, down_rows=32, o_rows=32, kv_splits=2,
                                               pipeline_stages=3, plain_dot=0)),
         ("llama-3.2-1b", 8, None, 4096, dict(pipeline_stages=4, plain_dot=0)),
-        ("llama-3.2-1b", 16, None, 4096, dict(down_splits=2, down_rows=16, o_rows=16,
+        ("llama-3.2-1b", 16, None, 4096, dict(down_splits=2, down_rows=32, o_rows=16,
                                               pipeline_stages=4, plain_dot=1)),
         ("llama-3.2-1b", 16, "int8", 4096, dict(plain_dot=0)),
         # A hidden size that is no power of two: hints of 512 columns (768 rounded down);

@@ -243,9 +243,17 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # 8B batch 16 the same). Not where that needs more than 16 rows on the FMA path: 8B bf16
     # batch 1 spills (5.72 -> 5.85 ms). (bench/NOTES.md rows 30, 36, 42.)
     gate_up_rows = 32 if wide_int4 else rows_for(f)
+    # At batch > 8, hidden sizes up to 3072 stream faster with each chunk as one 2-D dot than
+    # with a column block per warp (1B batch 16 1.301 / 1.288 -> 1.261 / 1.270 ms, 3B 3.272 ->
+    # 3.238); 8B spills (6.394 -> 6.766) and batch 4 is slower (1B 1.094 -> 1.130). With it,
+    # 1B's down halves take 32 rows, half a task per program (three times, same run: 1.274 /
+    # 1.279 / 1.285 -> 1.248 / 1.257 / 1.244 ms); 3B's 64 would be slower (bench/NOTES.md
+    # row 56).
+    plain_dot = int(batch > 8 and quant is None and d <= 3072)
     down_rows, down_splits = o_rows, 1
     half_f = f // 2
-    split_rows = max(16 if use_dot else 2, _pow2(math.ceil(2 * d / programs)))
+    min_split_rows = 32 if plain_dot else 16 if use_dot else 2
+    split_rows = max(min_split_rows, _pow2(math.ceil(2 * d / programs)))
     if (half_f % block_k == 0 and half_f % gate_up_rows == 0
             and split_rows <= (32 if use_dot else 16)):
         down_rows, down_splits = split_rows, 2
@@ -255,11 +263,6 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # 8B int8 3.45 -> 3.34; a whole tile: slower, bench/NOTES.md rows 34-35; 3B at 512
     # rather than 1024: batch 4 2.788 -> 2.739 ms, batch 1 the same, row 55).
     l2_prefetch_k = max(512, min(1024, _floor_pow2(d // 4)))
-    # At batch > 8, hidden sizes up to 3072 stream faster with each chunk as one 2-D dot than
-    # with a column block per warp (1B batch 16 1.301 / 1.288 -> 1.261 / 1.270 ms, 3B 3.272 ->
-    # 3.238); 8B spills (6.394 -> 6.766) and batch 4 is slower (1B 1.094 -> 1.130; bench/NOTES.md
-    # row 56).
-    plain_dot = int(batch > 8 and quant is None and d <= 3072)
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
