@@ -878,18 +878,17 @@ def decode_step_kernel(
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
     QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
     ATTN_STAGES: tl.constexpr,
-    KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O_P: tl.constexpr,
-    PARTS_DOWN_P: tl.constexpr,
+    KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O: tl.constexpr,
+    PARTS_O_P: tl.constexpr, PARTS_DOWN: tl.constexpr, PARTS_DOWN_P: tl.constexpr,
     PTX: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
     STATIC: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
     CDT: tl.constexpr = embed_ptr.dtype.element_ty  # the model dtype (tl.dot operands)
-    # h's sums of squares come in one part per O-proj tile (read by gate/up) and per down tile
-    # (read by QKV and the LM head; EMBED is tiled like down).
-    PARTS_O: tl.constexpr = (D + BN_O - 1) // BN_O
-    PARTS_DOWN: tl.constexpr = (D + BN_DOWN - 1) // BN_DOWN
+    # h's sums of squares come in PARTS_O parts, one per O-proj tile (read by gate/up), and
+    # PARTS_DOWN, one per down tile (read by QKV and the LM head; EMBED is tiled like down):
+    # Plan.norm_parts, which also sizes the buffers.
 
     # Pops are relaxed (no fence): the table is read-only and the counters order the data.
     # STATIC: program p runs tasks p, p + grid, ... with no pop, and its next task's row
