@@ -497,10 +497,11 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
             acc = _accumulate(acc, w_cur, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP,
                               BK, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     # The one cross-thread reduction of the tile.
-    if USE_DOT and WBITS != 4 and KSPLIT == 1:
-        out = tl.trans(acc)
-    elif USE_DOT:
-        out = tl.trans(tl.sum(acc, axis=0))
+    if USE_DOT:
+        if WBITS != 4 and KSPLIT == 1:  # one 2-D dot: already [BN, BP]
+            out = tl.trans(acc)
+        else:
+            out = tl.trans(tl.sum(acc, axis=0))
     elif WBITS == 4:
         out = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     else:
