@@ -216,15 +216,23 @@ def _load_xt(x_ptr, seq, cols, K, B: tl.constexpr):
 
 
 @triton.jit
-def _inv_rms(ss_ptr, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, PARTS: tl.constexpr,
-             PARTS_P: tl.constexpr, EPS: tl.constexpr):
-    """RMSNorm's 1/rms per sequence [BP] from the per-tile sums of squares the producers of
-    h wrote (ss [B, PARTS]); added in a fixed order, so every reader agrees bit for bit."""
+def _load_ss(ss_ptr, B: tl.constexpr, BP: tl.constexpr, PARTS: tl.constexpr,
+             PARTS_P: tl.constexpr):
+    """The per-tile sums of squares the producers of h wrote (ss [B, PARTS]) -> [BP, PARTS_P],
+    for _inv_rms. Apart from it so that a task requests them before its weight stream and
+    does the maths after it (8B int4 batch 1 2.271 / 2.268 -> 2.247 / 2.247 ms, same run;
+    bench/NOTES.md row 57)."""
     bidx = tl.arange(0, BP)
     p = tl.arange(0, PARTS_P)
-    parts = tl.load(ss_ptr + bidx[:, None] * PARTS + p[None, :],
-                    mask=(bidx[:, None] < B) & (p[None, :] < PARTS), other=0.0,
-                    cache_modifier=".cg")
+    return tl.load(ss_ptr + bidx[:, None] * PARTS + p[None, :],
+                   mask=(bidx[:, None] < B) & (p[None, :] < PARTS), other=0.0,
+                   cache_modifier=".cg")
+
+
+@triton.jit
+def _inv_rms(parts, D: tl.constexpr, EPS: tl.constexpr):
+    """RMSNorm's 1/rms per sequence [BP] from _load_ss's parts, added in a fixed order, so
+    every reader agrees bit for bit."""
     return tl.rsqrt(tl.sum(parts, axis=1) / D + EPS)
 
 
@@ -610,15 +618,15 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     row_mask = rows < QKV_ROWS
     dims = chunk * (BN_QKV // 2) + tl.arange(0, BN_QKV // 2)
     if BP <= EARLY_LOADS_MAX_BP:  # before the stream
-        inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
+        ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, xn_ptr, B, BP, BN_QKV,
                 BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
                 k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
     if BP > EARLY_LOADS_MAX_BP:
-        inv_rms = _inv_rms(ss_ptr, B, BP, D, PARTS, PARTS_P, EPS)
+        ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
-    acc = acc * inv_rms[:, None]
+    acc = acc * _inv_rms(ss, D, EPS)[:, None]
     if QKV_BIAS:
         acc += tl.load(bias_ptr + layer * QKV_ROWS + rows)[None, :]
     bidx = tl.arange(0, BP)
@@ -843,9 +851,15 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
             tl.store(partial_ptr + part * (B * D) + offs, acc, mask=mask)
             if _arrive(counters_ptr, arrive_ctr) == SPLITS - 1:
                 h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
-                total = tl.zeros([BP, BN], dtype=tl.float32)
-                for p in tl.static_range(SPLITS):  # unrolled: every load in one round trip
-                    total += _load_rows(partial_ptr + p * (B * D), rows, row_mask, B, BP, D)
+                # The parts as one [SPLITS, BP, BN] load, added in a fixed order (tl.sum's
+                # tree): one round trip, and fewer registers than an unrolled loop of loads
+                # (1B batch 16: 12 -> 8 bytes of spills, 1.255 / 1.261 -> 1.249 / 1.253 ms).
+                SPLITS_P: tl.constexpr = 2 if SPLITS <= 2 else (4 if SPLITS <= 4 else 8)
+                sp = tl.arange(0, SPLITS_P)[:, None, None]
+                parts = tl.load(partial_ptr + sp * (B * D) + offs[None, :, :],
+                                mask=(sp < SPLITS) & mask[None, :, :], other=0.0,
+                                cache_modifier=".cg")
+                total = tl.sum(parts, axis=0)
                 _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + total, B, BP,
                               D, BN)
                 _signal(counters_ptr, signal_ctr)
@@ -963,13 +977,13 @@ def decode_step_kernel(
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
-                    inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
+                    ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
                                D, 0, D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT,
                                DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
-                    inv_gu = _inv_rms(ss_attn_ptr, B, BP, D, PARTS_O, PARTS_O_P, EPS)
-                acc_gu *= inv_gu[:, None]
+                    ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
+                acc_gu *= _inv_rms(ss_gu, D, EPS)[:, None]
                 gate, up = tl.split(tl.reshape(acc_gu, [BP, BN_UP, 2]))
                 act = gate / (1.0 + tl.exp(-gate)) * up
                 b_gu = tl.arange(0, BP)
@@ -997,13 +1011,13 @@ def decode_step_kernel(
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
-                    inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
+                    ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
                                D, 0, D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC,
                                STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
-                    inv_lm = _inv_rms(ss_mlp_ptr, B, BP, D, PARTS_DOWN, PARTS_DOWN_P, EPS)
-                acc_lm *= inv_lm[:, None]
+                    ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
+                acc_lm *= _inv_rms(ss_lm, D, EPS)[:, None]
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
                          mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))

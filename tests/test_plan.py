@@ -180,8 +180,9 @@ def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None, c
         (dict(kv_splits=0), "kv_splits=0 must be >= 1"),
         (dict(attention_stages=0), "attention_stages=0 must be >= 1"),
         (dict(o_rows=8), "o_rows=8 must be a power of two >= 16"),  # batch 3 uses tl.dot
-        (dict(down_splits=3), "down_splits=3 must be >= 1 and, above 1, cut"),  # F=160
-        (dict(down_splits=0), "down_splits=0 must be >= 1"),
+        (dict(down_splits=3), "down_splits=3 must be 1..8 .* and, above 1, cut"),  # F=160
+        (dict(down_splits=0), "down_splits=0 must be 1..8"),
+        (dict(down_splits=10, block_k=16), "down_splits=10 must be 1..8"),  # F=160: it cuts
     ],
 )
 def test_bad_tiles_are_refused(overrides: dict, message: str) -> None:

@@ -640,12 +640,13 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         raise ValueError(f"attention_stages={t.attention_stages} must be >= 1 (1: one block "
                          f"at a time)")
     f = config.intermediate_size
-    if t.down_splits < 1 or (t.down_splits > 1 and (
+    if not 1 <= t.down_splits <= 8 or (t.down_splits > 1 and (
             f % (t.down_splits * t.block_k) or (f // t.down_splits) % t.gate_up_rows)):
         raise ValueError(
-            f"down_splits={t.down_splits} must be >= 1 and, above 1, cut intermediate_size={f} "
-            f"into parts of whole k-chunks (block_k={t.block_k}) and whole gate/up tiles "
-            f"(gate_up_rows={t.gate_up_rows}); use 1 or a divisor that does"
+            f"down_splits={t.down_splits} must be 1..8 (the last part loads them all at once) "
+            f"and, above 1, cut intermediate_size={f} into parts of whole k-chunks "
+            f"(block_k={t.block_k}) and whole gate/up tiles (gate_up_rows={t.gate_up_rows}); "
+            f"use 1 or a divisor that does"
         )
 
 
