@@ -812,10 +812,11 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                    partial_ptr, counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr,
                    arrive_ctr, task, max_spin, prof_ptr, B: tl.constexpr, BP: tl.constexpr,
                    D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
-                   USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
-                   PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
-                   WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                   CDT: tl.constexpr, KSPLIT: tl.constexpr, PTX: tl.constexpr):
+                   SPLITS_P: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
+                   PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
+                   HAS_ZEROS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
+                   PTX: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g). The first weight chunk is requested before the
     wait on the producers of x.
@@ -823,7 +824,8 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     Split over K (SPLITS > 1: the down projection), a task takes columns part * K/SPLITS..
     and waits only for the producers of those inputs; it leaves its partial sum in
     partial[part] and arrives on the tile's counter, and the last part to arrive adds the
-    parts in order (deterministic), publishes the rows and signals."""
+    parts in order (deterministic; SPLITS_P: SPLITS padded to a power of two, from the plan),
+    publishes the rows and signals."""
     KPART: tl.constexpr = K // SPLITS
     rows = tile * BN + tl.arange(0, BN)
     row_mask = rows < D
@@ -854,7 +856,6 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                 # The parts as one [SPLITS, BP, BN] load, added in a fixed order (tl.sum's
                 # tree): one round trip, and fewer registers than an unrolled loop of loads
                 # (1B batch 16: 12 -> 8 bytes of spills, 1.255 / 1.261 -> 1.249 / 1.253 ms).
-                SPLITS_P: tl.constexpr = 2 if SPLITS <= 2 else (4 if SPLITS <= 4 else 8)
                 sp = tl.arange(0, SPLITS_P)[:, None, None]
                 parts = tl.load(partial_ptr + sp * (B * D) + offs[None, :, :],
                                 mask=(sp < SPLITS) & mask[None, :, :], other=0.0,
@@ -889,7 +890,7 @@ def decode_step_kernel(
     SOFF_DOWN: tl.constexpr,
     BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
     BN_DOWN: tl.constexpr, BN_LM: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr,
-    DOWN_SPLITS: tl.constexpr,
+    DOWN_SPLITS: tl.constexpr, DOWN_SPLITS_P: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
     QK_NORM: tl.constexpr, PF_K: tl.constexpr, STAGES: tl.constexpr,
     ATTN_STAGES: tl.constexpr,
@@ -963,7 +964,7 @@ def decode_step_kernel(
                            attn_ptr, h_ptr, xn_attn_ptr, ss_attn_ptr,
                            norms_ptr + layer * NORM_STRIDE + D, partial_ptr, counters_ptr,
                            ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
-                           prof_ptr, B, BP, D, BN_O, BK, 1, USE_DOT, DOT_PREC, STAGES, PF_K,
+                           prof_ptr, B, BP, D, BN_O, BK, 1, 1, USE_DOT, DOT_PREC, STAGES, PF_K,
                            IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
@@ -999,9 +1000,9 @@ def decode_step_kernel(
                            F, act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr,
                            norms_ptr + (layer + 1) * NORM_STRIDE, partial_ptr, counters_ptr,
                            ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
-                           prof_ptr, B, BP, D, BN_DOWN, BK, DOWN_SPLITS, USE_DOT, DOT_PREC,
-                           STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT,
-                           KSPLIT, PTX)
+                           prof_ptr, B, BP, D, BN_DOWN, BK, DOWN_SPLITS, DOWN_SPLITS_P, USE_DOT,
+                           DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
+                           HAS_ZEROS, CDT, KSPLIT, PTX)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP,

@@ -382,6 +382,7 @@ class Plan:
             "BN_LM": t.lm_rows,
             "BK": t.block_k,
             "DOWN_SPLITS": t.down_splits,
+            "DOWN_SPLITS_P": _pow2(t.down_splits),
             "BS": t.block_s,
             "USE_DOT": self.use_dot,
             "KSPLIT": self.dot_ksplit(min(t.o_rows, t.down_rows, 2 * t.gate_up_rows,
