@@ -340,21 +340,32 @@ def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: 
 
 
 @triton.jit
-def _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
-                HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
-    """A packed int4 chunk (_load_w's layout) -> (code - zero) of its low nibbles (even
-    columns) and high nibbles (odd columns) in fp32, and the groups' scales, shaped like the
-    chunk's first two dims (the maths of quantize.dequantize)."""
-    scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, HAS_ZEROS,
-                                USE_DOT)
-    # code + 2^23 - (zero + 2^23) = code - zero, exactly.
-    lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
-    hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
-    return lo, hi, scale
+def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
+                  GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
+    """_group_params of the chunk at k0 for int4 weights (columns past K come masked: zeros);
+    other weights have none (placeholders)."""
+    if WBITS == 4:
+        scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, HAS_ZEROS,
+                                    USE_DOT)
+    else:
+        scale = 0.0
+        zero = 0.0
+    return scale, zero
 
 
 @triton.jit
-def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+def _int4_terms(w, scale, zero):
+    """A packed int4 chunk (_load_w's layout) and its groups' scales and zero points
+    (_group_params) -> (code - zero) of its low nibbles (even columns) and high nibbles (odd
+    columns) in fp32 (the maths of quantize.dequantize)."""
+    # code + 2^23 - (zero + 2^23) = code - zero, exactly.
+    lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
+    hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
+    return lo, hi
+
+
+@triton.jit
+def _chunk_mv(w, x_ptr, scale, zero, K, k0,
               B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
               WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
               CDT: tl.constexpr, KSPLIT: tl.constexpr, PTX: tl.constexpr):
@@ -381,22 +392,18 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
             # multiply per two weights was a fifth of the loop's instructions; 8B int4 2.533
             # -> 2.432 ms, bench/NOTES.md Q25).
             lo, hi = _int4_to_f16(w, True)
-            scale, _ = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, False, True)
             sum_scale = scale[:, :, None]
         elif F16_CODES:
             # Zero points: fp16 operands (finer than bf16), code * scale - zero * scale with
             # one rounding.
             lo, hi = _int4_to_f16(w, False)
-            scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, True,
-                                        True)
             scale16 = scale.to(tl.float16)[:, :, None]
             zs = (zero * scale).to(tl.float16)[:, :, None]
             lo = tl.fma(lo, scale16, -zs)
             hi = tl.fma(hi, scale16, -zs)
             sum_scale = 1.0  # (in the operands)
         else:
-            lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
-                                        HAS_ZEROS, True)
+            lo, hi = _int4_terms(w, scale, zero)
             lo = lo * scale[:, :, None]
             hi = hi * scale[:, :, None]
             if DOT_PREC != "upcast":  # (the interpreter's fp32 -> bf16 truncates)
@@ -423,15 +430,14 @@ def _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
 
 
 @triton.jit
-def _chunk_fma(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
-               WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr):
+def _chunk_fma(acc, w, x_ptr, scale, zero, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
+               GROUP: tl.constexpr):
     """Batch 1, one streamed chunk on the FMA units: acc += w * x element by element (acc is
     shaped like the chunk). Nothing is reduced across threads until the tile's last chunk
     (_gemv): a per-chunk reduction cost more shuffles and shared-memory round trips than the
     multiply-adds themselves."""
     if WBITS == 4:
-        lo, hi, scale = _int4_terms(w, s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP,
-                                    HAS_ZEROS, False)
+        lo, hi = _int4_terms(w, scale, zero)
         # x as [groups, pairs, 2]: contiguous loads, split into the even and odd columns.
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
         cols = (grp[:, None, None] * GROUP + 2 * tl.arange(0, GROUP // 2)[None, :, None]
@@ -448,18 +454,17 @@ def _chunk_fma(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.conste
 
 
 @triton.jit
-def _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0,
+def _accumulate(acc, w, x_ptr, scale, zero, K, k0,
                 B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
                 DOT_PREC: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
                 HAS_ZEROS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
                 PTX: tl.constexpr):
     """Add the chunk of columns k0..k0+BK to the GEMV's accumulator (its shapes: _gemv)."""
     if USE_DOT:
-        acc += _chunk_mv(w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BK, DOT_PREC,
+        acc += _chunk_mv(w, x_ptr, scale, zero, K, k0, B, BP, BK, DOT_PREC,
                          WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     else:
-        acc = _chunk_fma(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
-                         HAS_ZEROS)
+        acc = _chunk_fma(acc, w, x_ptr, scale, zero, K, k0, BK, WBITS, GROUP)
     return acc
 
 
@@ -486,14 +491,24 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
         acc = tl.zeros([BN, BK // GROUP, GROUP // 2], dtype=tl.float32)
     else:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
-    acc = _accumulate(acc, w_first, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, B, BP, BK,
-                      USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+    # int4 scales (and zero points) are requested a chunk ahead of their use: the pipeliner
+    # leaves them to plain loads (a thread's 2 bytes are under cp.async's 4), whose round
+    # trip each chunk then waited on (ncu, 8B int4: the down loop's most sampled stall).
+    scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
+                                HAS_ZEROS, USE_DOT)
+    scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo + BK, BK,
+                                          WBITS, GROUP, HAS_ZEROS, USE_DOT)
+    acc = _accumulate(acc, w_first, x_ptr, scale, zero, K, k_lo, B, BP, BK, USE_DOT, DOT_PREC,
+                      WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(k_lo + BK, k_hi, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
-            acc = _accumulate(acc, w, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP, BK,
-                              USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+            scale, zero = scale_next, zero_next
+            scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
+                                                  BK, WBITS, GROUP, HAS_ZEROS, USE_DOT)
+            acc = _accumulate(acc, w, x_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT, DOT_PREC,
+                              WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
         w_next = _load_w(w_ptr, rows, row_mask, K, k_lo + BK, BK, WBITS, GROUP, USE_DOT,
@@ -502,8 +517,11 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
             w_cur = w_next
             w_next = _load_w(w_ptr, rows, row_mask, K, k0 + BK, BK, WBITS, GROUP, USE_DOT,
                              KSPLIT)
-            acc = _accumulate(acc, w_cur, x_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, B, BP,
-                              BK, USE_DOT, DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+            scale, zero = scale_next, zero_next
+            scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
+                                                  BK, WBITS, GROUP, HAS_ZEROS, USE_DOT)
+            acc = _accumulate(acc, w_cur, x_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
+                              DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
     # The one cross-thread reduction of the tile.
     if USE_DOT:
         if WBITS != 4 and KSPLIT == 1:  # one 2-D dot: already [BN, BP]
