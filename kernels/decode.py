@@ -354,6 +354,19 @@ def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: 
 
 
 @triton.jit
+def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
+                WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                USE_DOT: tl.constexpr, KSPLIT: tl.constexpr):
+    """A task's first chunk for _gemv, requested before its wait: the codes and the int4
+    scales and zero points (after the wait, the scales' round trip stalled every gate/up
+    task: ncu, 8B int4)."""
+    w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
+    scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
+                                HAS_ZEROS, USE_DOT)
+    return w, scale, zero
+
+
+@triton.jit
 def _int4_terms(w, scale, zero):
     """A packed int4 chunk (_load_w's layout) and its groups' scales and zero points
     (_group_params) -> (code - zero) of its low nibbles (even columns) and high nibbles (odd
@@ -469,15 +482,16 @@ def _accumulate(acc, w, x_ptr, scale, zero, K, k0,
 
 
 @triton.jit
-def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
+def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, z_first,
+          x_ptr,
           B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
           WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
           KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """out[b, n] = sum_k W[rows[n], k] * x[b, k] over columns k_lo <= k < k_hi (whole
     chunks) of a [?, K] matrix -> [BP, BN] fp32, with the first chunk (at k_lo) already
-    loaded; W in the model dtype or quantized (WBITS 8/4, scales at s_ptr, zeros at z_ptr,
-    indexed like the rows)."""
+    loaded (_load_first: codes, int4 scales and zero points); W in the model dtype or
+    quantized (WBITS 8/4, scales at s_ptr, zeros at z_ptr, indexed like the rows)."""
     # The accumulator keeps the chunk's blocks apart (tensor cores: [blocks, BN, BP]; batch 1:
     # shaped like the chunk) and is reduced once, after the last chunk.
     if USE_DOT:
@@ -494,8 +508,7 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, x_ptr,
     # int4 scales (and zero points) are requested a chunk ahead of their use: the pipeliner
     # leaves them to plain loads (a thread's 2 bytes are under cp.async's 4), whose round
     # trip each chunk then waited on (ncu, 8B int4: the down loop's most sampled stall).
-    scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
-                                HAS_ZEROS, USE_DOT)
+    scale, zero = s_first, z_first
     scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo + BK, BK,
                                           WBITS, GROUP, HAS_ZEROS, USE_DOT)
     acc = _accumulate(acc, w_first, x_ptr, scale, zero, K, k_lo, B, BP, BK, USE_DOT, DOT_PREC,
@@ -613,9 +626,9 @@ def _embed(tile, ids_ptr, embed_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr, B: tl.constex
 
 
 @triton.jit
-def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, inv_freq_ptr,
-         pos_ptr, xn_ptr, ss_ptr, q_ptr, qk_raw_ptr, k_cache_ptr, v_cache_ptr, counters_ptr,
-         signal_ctr, arrive_ctr,
+def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, norms_ptr,
+         bias_ptr, inv_freq_ptr, pos_ptr, xn_ptr, ss_ptr, q_ptr, qk_raw_ptr, k_cache_ptr,
+         v_cache_ptr, counters_ptr, signal_ctr, arrive_ctr,
          B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
          KVH: tl.constexpr, HD: tl.constexpr, S_MAX: tl.constexpr, EPS: tl.constexpr,
          NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
@@ -638,7 +651,8 @@ def _qkv(layer, head, chunk, w_first, w_ptr, s_ptr, z_ptr, norms_ptr, bias_ptr, 
     if BP <= EARLY_LOADS_MAX_BP:  # before the stream
         ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
-    acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, xn_ptr, B, BP, BN_QKV,
+    acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, s_first, z_first,
+                xn_ptr, B, BP, BN_QKV,
                 BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
                 k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
     if BP > EARLY_LOADS_MAX_BP:
@@ -848,14 +862,16 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     rows = tile * BN + tl.arange(0, BN)
     row_mask = rows < D
     k_lo = part * KPART
-    w0 = _load_w(w_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP, USE_DOT, KSPLIT)
+    w0, s0, z0 = _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
+                             HAS_ZEROS, USE_DOT, KSPLIT)
     if PF_K > 0:
         _prefetch_l2(w_ptr, rows, row_mask, K, k_lo + BK, PF_K, WBITS)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
              IGNORE_DEPS, PROFILE):
         if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
             h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
-        acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, x_ptr, B,
+        acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, s0, z0,
+                    x_ptr, B,
                     BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT,
                     PTX)
         if SPLITS == 1:
@@ -948,14 +964,15 @@ def decode_step_kernel(
 
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
-            w0_qkv = _load_w(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP,
-                             USE_DOT, KSPLIT_QKV)
+            w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, layer_z, rows_qkv,
+                                                 rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS,
+                                                 GROUP, HAS_ZEROS, USE_DOT, KSPLIT_QKV)
             if PF_K > 0:
                 _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K, WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                _qkv(layer, a, b, w0_qkv, layer_w, layer_s, layer_z, norms_ptr, bias_ptr,
-                     inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, qk_raw_ptr,
+                _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, layer_z, norms_ptr,
+                     bias_ptr, inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, qk_raw_ptr,
                      k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr, aux_ctr,
                      B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV,
                      USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS,
@@ -990,7 +1007,9 @@ def decode_step_kernel(
             f_rows = a * BN_UP + j // 2
             rows_gu = f_rows + (j % 2) * F
             w_gu = layer_w + OFF_GU
-            w0_gu = _load_w(w_gu, rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
+            w0_gu, s0_gu, z0_gu = _load_first(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU,
+                                              rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP,
+                                              HAS_ZEROS, USE_DOT, KSPLIT)
             if PF_K > 0:
                 _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K, WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -998,8 +1017,9 @@ def decode_step_kernel(
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
-                               D, 0, D, w0_gu, xn_attn_ptr, B, BP, 2 * BN_UP, BK, USE_DOT,
-                               DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                               D, 0, D, w0_gu, s0_gu, z0_gu, xn_attn_ptr, B, BP, 2 * BN_UP,
+                               BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT,
+                               KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
                 acc_gu *= _inv_rms(ss_gu, D, EPS)[:, None]
@@ -1023,8 +1043,9 @@ def decode_step_kernel(
                            HAS_ZEROS, CDT, KSPLIT, PTX)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
-            w0_lm = _load_w(lm_head_ptr, rows_lm, rows_lm < V, D, 0, BK, LM_WBITS, GROUP,
-                            USE_DOT, KSPLIT)
+            w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm,
+                                              rows_lm < V, D, 0, BK, LM_WBITS, GROUP, HAS_ZEROS,
+                                              USE_DOT, KSPLIT)
             if PF_K > 0:
                 _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K, LM_WBITS)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -1032,8 +1053,9 @@ def decode_step_kernel(
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
-                               D, 0, D, w0_lm, xn_mlp_ptr, B, BP, BN_LM, BK, USE_DOT, DOT_PREC,
-                               STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                               D, 0, D, w0_lm, s0_lm, z0_lm, xn_mlp_ptr, B, BP, BN_LM, BK,
+                               USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT,
+                               KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
                 acc_lm *= _inv_rms(ss_lm, D, EPS)[:, None]
