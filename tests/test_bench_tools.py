@@ -253,3 +253,31 @@ def test_kernel_sass_reads_the_loops_of_the_compiled_kernel() -> None:
     gemv = [line for line in loops if "HADD2" in line and "PRMT" in line]
     assert gemv, run.stdout
     assert all("I2F" not in line for line in gemv), run.stdout
+
+
+def test_ncu_stall_report_finds_loops_and_hot_instructions(tmp_path) -> None:
+    import ncu_stalls
+
+    header = ["Address", "Source", ncu_stalls.SAMPLES, ncu_stalls.EXECUTED,
+              "stall_long_sb", "stall_barrier", "stall_long_sb (Not Issued)"]
+    code = [("0x100", "MOV R1, R2", 1, 1, 1, 0),
+            ("0x110", "LDG.E R3, desc[UR4][R4.64]", 2, 8, 2, 0),
+            ("0x120", "STS [R5], R3", 90, 8, 90, 0),
+            ("0x130", "@P0 BRA 0x110", 5, 8, 0, 5),
+            ("0x140", "EXIT", 2, 1, 0, 2)]
+    rows = [["Kernel Name", "decode_step_kernel"], header]
+    rows += [[a, f"      {t}", str(s), str(x), str(lsb), str(bar), "0"]
+             for a, t, s, x, lsb, bar in code]
+    path = tmp_path / "source.csv"
+    path.write_text("\n".join(",".join(f'"{c}"' for c in r) for r in rows) + "\n")
+
+    text = ncu_stalls.report(path, top=1)
+    lines = text.splitlines()
+    assert lines[0].startswith("5 instructions, 100 samples: long_sb 93.0% barrier 7.0%")
+    assert lines[1].startswith("loop     1-    3 (   3 instructions, runs         8)  97.0%")
+    assert lines[2].split()[:3] == ["2", "90.00%", "x8"] and "long_sb:90" in lines[2]
+
+    bad = tmp_path / "details.csv"
+    bad.write_text('"Metric Name","Value"\n')
+    with pytest.raises(ValueError, match="--page source --csv --print-source sass"):
+        ncu_stalls.read_source(bad)
