@@ -489,8 +489,7 @@ def _accumulate(acc, w, x_ptr, scale, zero, K, k0,
 
 @triton.jit
 def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, z_first,
-          x_ptr,
-          B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+          x_ptr, B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
           WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
           KSPLIT: tl.constexpr, PTX: tl.constexpr):
@@ -660,9 +659,8 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
         ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, s_first, z_first,
-                xn_ptr, B, BP, BN_QKV,
-                BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
-                k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
+                xn_ptr, B, BP, BN_QKV, BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP,
+                HAS_ZEROS, k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
     if BP > EARLY_LOADS_MAX_BP:
         ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
@@ -879,9 +877,8 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
         if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
             h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, s0, z0,
-                    x_ptr, B,
-                    BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT,
-                    PTX)
+                    x_ptr, B, BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
+                    CDT, KSPLIT, PTX)
         if SPLITS == 1:
             if BP > EARLY_LOADS_MAX_BP:
                 h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
