@@ -360,12 +360,15 @@ def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
     """A task's first chunk for _gemv, requested before its wait: the codes and the int4
     scales and zero points (after the wait, the scales' round trip to HBM stalled every
     gate/up task: ncu, 8B int4). Triton stages each load through registers right after it
-    is issued, so the scales' lines are first hinted into L2 (their load then waits for L2
-    only, after the codes' round trip rather than before it; with the plan's L2 hints on)."""
-    if WBITS == 4 and PF_K > 0:
-        _prefetch_l2(s_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 64, 0)
-        if HAS_ZEROS:
-            _prefetch_l2(z_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 128, 0)
+    is issued, so the hints come first (PF_K > 0): the tile's next PF_K columns, and the
+    scales' line (their load then waits for L2 only, after the codes' round trip rather than
+    before it)."""
+    if PF_K > 0:
+        _prefetch_l2(w_ptr, rows, row_mask, K, k0 + BK, PF_K, WBITS)
+        if WBITS == 4:  # one 128-byte line a row: 64 fp16 scales, 128 uint8 zero points
+            _prefetch_l2(s_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 64, 0)
+            if HAS_ZEROS:
+                _prefetch_l2(z_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 128, 0)
     w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
                                 HAS_ZEROS, USE_DOT)
@@ -559,9 +562,9 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
 def _prefetch_l2(w_ptr, rows, row_mask, K, k0, PF_K: tl.constexpr, WBITS: tl.constexpr):
     """Hint HBM -> L2 for columns [k0, k0 + PF_K) of the tile's rows (one address per 128-byte
     line of the stored codes), issued before a spin-wait so that the first chunks after it
-    come from L2. int4 rows hold two columns per byte. Tasks hint before they load their
-    first chunk, whose staging through registers waits for its round trip (1B bf16 batch 1
-    1.009 / 1.006 -> 0.994 / 0.998 ms, same run)."""
+    come from L2. int4 rows hold two columns per byte. _load_first hints before it loads
+    the first chunk, whose staging through registers waits for its round trip (1B bf16
+    batch 1 1.009 / 1.006 -> 0.994 / 0.998 ms, same run)."""
     BITS: tl.constexpr = WBITS if WBITS > 0 else w_ptr.dtype.element_ty.primitive_bitwidth
     PER_LINE: tl.constexpr = 1024 // BITS  # columns per 128-byte line
     cols = tl.minimum(k0 + tl.arange(0, PF_K // PER_LINE) * PER_LINE, K - 1)
@@ -868,8 +871,6 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     rows = tile * BN + tl.arange(0, BN)
     row_mask = rows < D
     k_lo = part * KPART
-    if PF_K > 0:
-        _prefetch_l2(w_ptr, rows, row_mask, K, k_lo + BK, PF_K, WBITS)
     w0, s0, z0 = _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
                              HAS_ZEROS, USE_DOT, KSPLIT, PF_K)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -969,8 +970,6 @@ def decode_step_kernel(
 
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
-            if PF_K > 0:
-                _prefetch_l2(layer_w, rows_qkv, rows_qkv < QKV_ROWS, D, BK_QKV, PF_K, WBITS)
             w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, layer_z, rows_qkv,
                                                  rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS,
                                                  GROUP, HAS_ZEROS, USE_DOT, KSPLIT_QKV,
@@ -1013,8 +1012,6 @@ def decode_step_kernel(
             f_rows = a * BN_UP + j // 2
             rows_gu = f_rows + (j % 2) * F
             w_gu = layer_w + OFF_GU
-            if PF_K > 0:
-                _prefetch_l2(w_gu, rows_gu, f_rows < F, D, BK, PF_K, WBITS)
             w0_gu, s0_gu, z0_gu = _load_first(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU,
                                               rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP,
                                               HAS_ZEROS, USE_DOT, KSPLIT, PF_K)
@@ -1049,8 +1046,6 @@ def decode_step_kernel(
                            HAS_ZEROS, CDT, KSPLIT, PTX)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
-            if PF_K > 0:
-                _prefetch_l2(lm_head_ptr, rows_lm, rows_lm < V, D, BK, PF_K, LM_WBITS)
             w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm,
                                               rows_lm < V, D, 0, BK, LM_WBITS, GROUP, HAS_ZEROS,
                                               USE_DOT, KSPLIT, PF_K)
