@@ -30,6 +30,7 @@ EXECUTED = "Instructions Executed"
 
 @dataclass
 class Instruction:
+    address: int
     text: str
     samples: int
     executed: int
@@ -43,7 +44,8 @@ def read_source(path: Path) -> list[Instruction]:
     """The SASS rows of `ncu --page source --csv --print-source sass`, in address order."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    start = next((i for i, r in enumerate(rows) if "Source" in r and SAMPLES in r), None)
+    start = next((i for i, r in enumerate(rows)
+                  if "Address" in r and "Source" in r and SAMPLES in r), None)
     if start is None:
         raise ValueError(f"{path} is not an ncu source page (no '{SAMPLES}' column): export it "
                          "with --page source --csv --print-source sass")
@@ -52,21 +54,21 @@ def read_source(path: Path) -> list[Instruction]:
     reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
     out = []
     for row in rows[start + 1:]:
-        if len(row) != len(header):
+        if len(row) != len(header) or not row[col["Address"]].startswith("0x"):
             continue
 
         def num(name: str, row=row) -> int:
             value = row[col[name]].replace(",", "")
             return int(value) if value.isdigit() else 0
 
-        out.append(Instruction(row[col["Source"]].strip(), num(SAMPLES), num(EXECUTED),
-                               {r[6:]: num(r) for r in reasons}))
+        out.append(Instruction(int(row[col["Address"]], 16), row[col["Source"]].strip(),
+                               num(SAMPLES), num(EXECUTED), {r[6:]: num(r) for r in reasons}))
     return out
 
 
-def loops(code: list[Instruction], addresses: list[int]) -> list[tuple[int, int]]:
+def loops(code: list[Instruction]) -> list[tuple[int, int]]:
     """(first, last) index of every loop: a branch back to an address at or before it."""
-    index = {a: i for i, a in enumerate(addresses)}
+    index = {ins.address: i for i, ins in enumerate(code)}
     found = []
     for i, ins in enumerate(code):
         m = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ins.text)
@@ -76,10 +78,6 @@ def loops(code: list[Instruction], addresses: list[int]) -> list[tuple[int, int]
 
 
 def report(path: Path, top: int = 25, min_share: float = 0.005) -> str:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    start = next(i for i, r in enumerate(rows) if SAMPLES in r)
-    addresses = [int(r[0], 16) for r in rows[start + 1:] if r and r[0].startswith("0x")]
     code = read_source(path)
     total = sum(ins.samples for ins in code) or 1
     reasons: collections.Counter = collections.Counter()
@@ -87,7 +85,7 @@ def report(path: Path, top: int = 25, min_share: float = 0.005) -> str:
         reasons.update(ins.stalls)
     lines = [f"{len(code)} instructions, {total} samples: "
              + " ".join(f"{k} {100 * v / total:.1f}%" for k, v in reasons.most_common(8))]
-    for first, last in loops(code, addresses):
+    for first, last in loops(code):
         body = code[first:last + 1]
         share = sum(ins.samples for ins in body) / total
         if share >= min_share and last - first + 1 < 0.8 * len(code):  # not the task loop
