@@ -6,7 +6,7 @@ from pathlib import Path as _Path
 # When the package runs straight from a checkout (PYTHONPATH=src, as on the GPU box) the
 # repository root joins the package path so that the same import works.
 _checkout_root = _Path(__file__).resolve().parents[2]
-if (_checkout_root / "kernels" / "__init__.py").is_file() and str(_checkout_root) not in __path__:
+if (_checkout_root / "kernels" / "decode.py").is_file() and str(_checkout_root) not in __path__:
     __path__.append(str(_checkout_root))
 
 import os as _os  # noqa: E402
