@@ -53,7 +53,8 @@ def pointer_types(scheme: QuantScheme | None, dtype: torch.dtype,
                 lm_zeros_ptr=torch.uint8, inv_freq_ptr=f32, k_cache_ptr=dtype,
                 v_cache_ptr=dtype, h_ptr=f32, xn_mlp_ptr=acts, ss_mlp_ptr=f32,
                 xn_attn_ptr=acts, ss_attn_ptr=f32, q_ptr=f32, qk_raw_ptr=f32, attn_ptr=acts,
-                act_ptr=acts, logits_ptr=f32, part_m_ptr=f32, part_l_ptr=f32, part_o_ptr=f32,
+                act_ptr=acts, osum_xn_mlp_ptr=f32, osum_xn_attn_ptr=f32, osum_attn_ptr=f32,
+                osum_act_ptr=f32, logits_ptr=f32, part_m_ptr=f32, part_l_ptr=f32, part_o_ptr=f32,
                 partial_ptr=f32, prof_ptr=torch.int64)
 
 

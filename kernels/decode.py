@@ -23,6 +23,9 @@ Buffers (fp32 unless noted; B = plan batch):
   dtype, or fp16 for quantized bf16 models);
   part_m/part_l [B, H, NSPLIT], part_o [B, H, NSPLIT, HD] flash-decoding partials;
   partial [DOWN_SPLITS, B, D] the down projection's partial sums over parts of F;
+  osum_xn_mlp / osum_xn_attn / osum_attn / osum_act [B, width / OSUM_COLS]: with
+  offset-sum int4 GEMVs (plan tile offset_sums), the offset sums of each GEMV input,
+  written by its producers (_store_offset_sums);
   k_cache/v_cache [L, B, KVH, S_MAX, HD] (model dtype); ctrl int32 [8]; counters int32.
 Task rows are int32 [op, layer, a, b, c, wait counter, wait target, signal counter, aux
 counter] (plan.TASK_FIELDS).
@@ -305,6 +308,42 @@ INT4_F16_SIGNED = tl.constexpr(_INT4_F16_ASM.replace("OFF_LO", "0x64086408")
                                .replace("OFF_HI", "0xD480D480"))
 
 
+# What z_ptr holds for int4 weights (constexpr ZERO_POINTS): nothing (the symmetric scheme's
+# fixed 8, taken off in the converter), the stored zero points (asymmetric), or the offset
+# sums of x (plan tile offset_sums: symmetric codes enter the dot with the offsets below).
+ZP_FIXED = tl.constexpr(0)
+ZP_STORED = tl.constexpr(1)
+ZP_OFFSET_SUMS = tl.constexpr(2)
+
+# Symmetric int4 codes with no subtract or multiply-add (tile offset_sums): a mask puts each
+# low nibble under the fp16 exponent of 1024 (1024 + code) and each high nibble, four bits
+# up, under that of 64 (64 + code): five instructions per 32-bit word instead of ten, and a
+# fifth to a third of the int4 loops' instructions. So the dot's sums carry, on top of
+# sum((code - 8) x), sum(x) times 1032 (even columns) or 72 (odd columns): the producers of
+# x publish those sums per OSUM_COLS columns (_store_offset_sums) and the GEMV takes them
+# off once per group. The shift pairs byte 0 with byte 2 and byte 1 with byte 3 of a word,
+# so a 4-byte run of codes comes out as bytes 0, 2, 1, 3: x is read in that order too.
+INT4_RAW_ASM = tl.constexpr("""{
+        .reg .b32 t;
+        shr.b32 t, $4, 8;
+        lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $2, $4, 0x00F000F0, 0x54005400, 0xEA;
+        lop3.b32 $3, t, 0x00F000F0, 0x54005400, 0xEA;
+        }""")
+INT4_OFF_EVEN = tl.constexpr(1032.0)  # 1024 in the operand + the zero point 8
+INT4_OFF_ODD = tl.constexpr(72.0)  # 64 + 8
+OSUM_COLS = tl.constexpr(16)
+
+
+@triton.jit
+def _int4_raw_to_f16(w):
+    """Packed int4 bytes -> (1024 + low nibble, 64 + high nibble) in fp16, each run of four
+    bytes in the order 0, 2, 1, 3 (INT4_RAW_ASM). GPU only (inline PTX)."""
+    return tl.inline_asm_elementwise(INT4_RAW_ASM, "=r,=r,=r,=r,r", [w],
+                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
+
 @triton.jit
 def _int4_to_f16(w, SIGNED: tl.constexpr):
     """Packed int4 bytes -> (low, high) nibble codes in fp16, minus 8 when SIGNED (the
@@ -320,7 +359,7 @@ def _int4_to_f16(w, SIGNED: tl.constexpr):
 
 @triton.jit
 def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
-                  HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
+                  ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr):
     """The scales and zero points (fp32) of an int4 chunk's groups, shaped like the chunk's
     first two dims (_load_w's layout)."""
     grp = k0 // GROUP + tl.arange(0, BK // GROUP)
@@ -332,7 +371,7 @@ def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: 
         sidx = rows[:, None] * (K // GROUP) + grp[None, :]
         smask = row_mask[:, None] & gmask[None, :]
     scale = tl.load(s_ptr + sidx, mask=smask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
+    if ZERO_POINTS == ZP_STORED:
         zero = tl.load(z_ptr + sidx, mask=smask, other=0).to(tl.float32)
     else:
         zero = tl.zeros_like(scale) + 8.0
@@ -340,13 +379,32 @@ def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: 
 
 
 @triton.jit
+def _group_offsets(osum_ptr, K, k0, BK: tl.constexpr, GROUP: tl.constexpr, B: tl.constexpr,
+                   BP: tl.constexpr):
+    """What the offset-sum GEMV takes off each group of the chunk at k0, per sequence:
+    the GROUP // OSUM_COLS offset sums of x there (osum [B, K / OSUM_COLS], written by x's
+    producers this launch: read after the task's wait) -> [groups, BP] fp32."""
+    PER_GROUP: tl.constexpr = GROUP // OSUM_COLS
+    grp = k0 // GROUP + tl.arange(0, BK // GROUP)
+    blocks = grp[:, None, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :, None]
+    seq = tl.arange(0, BP)[None, None, :]
+    parts = tl.load(osum_ptr + seq * (K // OSUM_COLS) + blocks,
+                    mask=(seq < B) & (grp < K // GROUP)[:, None, None], other=0.0)
+    return tl.sum(parts, axis=1)
+
+
+@triton.jit
 def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
-                  GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, USE_DOT: tl.constexpr):
-    """_group_params of the chunk at k0 for int4 weights (columns past K come masked: zeros);
-    other weights have none (placeholders)."""
+                  GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr,
+                  B: tl.constexpr, BP: tl.constexpr):
+    """_group_params of the chunk at k0 for int4 weights (columns past K come masked: zeros),
+    with the chunk's _group_offsets as its zeros for ZP_OFFSET_SUMS; other weights have none
+    (placeholders)."""
     if WBITS == 4:
-        scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, HAS_ZEROS,
+        scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, ZERO_POINTS,
                                     USE_DOT)
+        if ZERO_POINTS == ZP_OFFSET_SUMS:
+            zero = _group_offsets(z_ptr, K, k0, BK, GROUP, B, BP)
     else:
         scale = 0.0
         zero = 0.0
@@ -355,7 +413,7 @@ def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: 
 
 @triton.jit
 def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
-                WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr,
                 USE_DOT: tl.constexpr, KSPLIT: tl.constexpr, PF_K: tl.constexpr):
     """A task's first chunk for _gemv, requested before its wait: the codes and the int4
     scales and zero points (after the wait, the scales' round trip to HBM stalled every
@@ -367,11 +425,13 @@ def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
         _prefetch_l2(w_ptr, rows, row_mask, K, k0 + BK, PF_K, WBITS)
         if WBITS == 4:  # one 128-byte line a row: 64 fp16 scales, 128 uint8 zero points
             _prefetch_l2(s_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 64, 0)
-            if HAS_ZEROS:
+            if ZERO_POINTS == ZP_STORED:
                 _prefetch_l2(z_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 128, 0)
     w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
-    scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
-                                HAS_ZEROS, USE_DOT)
+    # Offset sums are x's, written by the producers the task waits for: _gemv reads them.
+    zp: tl.constexpr = ZP_FIXED if ZERO_POINTS == ZP_OFFSET_SUMS else ZERO_POINTS
+    scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, zp,
+                                USE_DOT, 1, 1)
     return w, scale, zero
 
 
@@ -389,12 +449,13 @@ def _int4_terms(w, scale, zero):
 @triton.jit
 def _chunk_mv(w, x_ptr, scale, zero, K, k0,
               B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
-              WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+              WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr,
               CDT: tl.constexpr, KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """One streamed chunk on tensor cores: per column block (int4: group) of the chunk,
     (w dequantized) @ x^T -> [blocks, BN, BP] fp32. int8: the codes enter the product as they
     are (in fp16 on the GPU, exact, with x in fp16 too); the per-row scale is applied once,
-    after the last chunk (_gemv)."""
+    after the last chunk (_gemv). int4: `zero` is the groups' zero points, or with
+    ZP_OFFSET_SUMS their _group_offsets [groups, BP]."""
     # Quantized codes become fp16 operands through the inline-PTX converters (not in the
     # interpreter, nor for fp32 models, whose operands stay fp32). x comes in fp16 already
     # when the plan stores activations so (tile fp16_activations), else it is converted here.
@@ -403,12 +464,25 @@ def _chunk_mv(w, x_ptr, scale, zero, K, k0,
     if WBITS == 4:
         # x^T as [groups, pairs, BP, 2]: split into the even and odd columns.
         grp = k0 // GROUP + tl.arange(0, BK // GROUP)
-        cols = (grp[:, None, None, None] * GROUP
-                + 2 * tl.arange(0, GROUP // 2)[None, :, None, None]
+        pairs = tl.arange(0, GROUP // 2)
+        if F16_CODES and ZERO_POINTS == ZP_OFFSET_SUMS:  # the converter's order: 0, 2, 1, 3
+            pairs = (pairs // 4) * 4 + (pairs % 2) * 2 + (pairs // 2) % 2
+        cols = (grp[:, None, None, None] * GROUP + 2 * pairs[None, :, None, None]
                 + tl.arange(0, 2)[None, None, None, :])
         seq = tl.arange(0, BP)[None, None, :, None]
         xe, xo = tl.split(_load_xt(x_ptr, seq, cols, K, B))
-        if F16_CODES and not HAS_ZEROS:
+        offsets = 0.0
+        if ZERO_POINTS == ZP_OFFSET_SUMS:
+            # The codes with their operand offsets (INT4_RAW_ASM), whose share of the sums
+            # comes off per group and sequence, then the scales multiply (as below).
+            if F16_CODES:
+                lo, hi = _int4_raw_to_f16(w)
+            else:
+                lo = (w & 15).to(tl.float32) + 1024.0
+                hi = (w >> 4).to(tl.float32) + 64.0
+            offsets = zero[:, None, :]
+            sum_scale = scale[:, :, None]
+        elif F16_CODES and ZERO_POINTS == ZP_FIXED:
             # Symmetric codes minus 8 are exact fp16 operands: the groups' scales multiply
             # the dot's [groups, BN, BP] sums in fp32 rather than every weight (a packed
             # multiply per two weights was a fifth of the loop's instructions; 8B int4 2.533
@@ -433,7 +507,7 @@ def _chunk_mv(w, x_ptr, scale, zero, K, k0,
                 hi = hi.to(XDT)
             sum_scale = 1.0
         out = _dot(lo, xe.to(lo.dtype), DOT_PREC) + _dot(hi, xo.to(hi.dtype), DOT_PREC)
-        out = out * sum_scale
+        out = (out - offsets) * sum_scale
     else:
         if KSPLIT == 1:  # [BN, BK] @ [BK, BP]
             x = _load_xt(x_ptr, tl.arange(0, BP)[None, :], k0 + tl.arange(0, BK)[:, None], K, B)
@@ -479,12 +553,12 @@ def _chunk_fma(acc, w, x_ptr, scale, zero, K, k0, BK: tl.constexpr, WBITS: tl.co
 def _accumulate(acc, w, x_ptr, scale, zero, K, k0,
                 B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
                 DOT_PREC: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-                HAS_ZEROS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
+                ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
                 PTX: tl.constexpr):
     """Add the chunk of columns k0..k0+BK to the GEMV's accumulator (its shapes: _gemv)."""
     if USE_DOT:
         acc += _chunk_mv(w, x_ptr, scale, zero, K, k0, B, BP, BK, DOT_PREC,
-                         WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                         WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     else:
         acc = _chunk_fma(acc, w, x_ptr, scale, zero, K, k0, BK, WBITS, GROUP)
     return acc
@@ -494,7 +568,7 @@ def _accumulate(acc, w, x_ptr, scale, zero, K, k0,
 def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, z_first,
           x_ptr, B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
-          WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, CDT: tl.constexpr,
+          WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, CDT: tl.constexpr,
           KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """out[b, n] = sum_k W[rows[n], k] * x[b, k] over columns k_lo <= k < k_hi (whole
     chunks) of a [?, K] matrix -> [BP, BN] fp32, with the first chunk (at k_lo) already
@@ -517,19 +591,27 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
     # leaves them to plain loads (a thread's 2 bytes are under cp.async's 4), whose round
     # trip each chunk then waited on (ncu, 8B int4: the down loop's most sampled stall).
     scale, zero = s_first, z_first
+    OFFSET_SUMS: tl.constexpr = WBITS == 4 and ZERO_POINTS == ZP_OFFSET_SUMS
+    if OFFSET_SUMS:
+        tl.static_assert(USE_DOT, "int4 offset sums are for the tensor-core GEMVs")
+        # The first chunk's offsets are x's, so they could not come before the wait with its
+        # codes: requested now, taken off after the loop, so nothing waits on them here.
+        first_offsets = _group_offsets(z_ptr, K, k_lo, BK, GROUP, B, BP)
+        zero = tl.zeros([BK // GROUP, BP], dtype=tl.float32)
     scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo + BK, BK,
-                                          WBITS, GROUP, HAS_ZEROS, USE_DOT)
+                                          WBITS, GROUP, ZERO_POINTS, USE_DOT, B, BP)
     acc = _accumulate(acc, w_first, x_ptr, scale, zero, K, k_lo, B, BP, BK, USE_DOT, DOT_PREC,
-                      WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                      WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(k_lo + BK, k_hi, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
             scale, zero = scale_next, zero_next
             scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                  BK, WBITS, GROUP, HAS_ZEROS, USE_DOT)
+                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT, B,
+                                                  BP)
             acc = _accumulate(acc, w, x_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT, DOT_PREC,
-                              WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                              WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
         w_next = _load_w(w_ptr, rows, row_mask, K, k_lo + BK, BK, WBITS, GROUP, USE_DOT,
@@ -540,9 +622,12 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
                              KSPLIT)
             scale, zero = scale_next, zero_next
             scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                  BK, WBITS, GROUP, HAS_ZEROS, USE_DOT)
+                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT, B,
+                                                  BP)
             acc = _accumulate(acc, w_cur, x_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
-                              DOT_PREC, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                              DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
+    if OFFSET_SUMS:
+        acc -= first_offsets[:, None, :] * s_first[:, :, None]
     # The one cross-thread reduction of the tile.
     if USE_DOT:
         if WBITS != 4 and KSPLIT == 1:  # one 2-D dot: already [BN, BP]
@@ -600,18 +685,42 @@ def _publish_inputs(h_ptr, g_ptr, rows, row_mask, B: tl.constexpr, BP: tl.conste
 
 
 @triton.jit
-def _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h, B: tl.constexpr,
-                  BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+def _store_offset_sums(osum_ptr, x, first, mask, N: tl.constexpr):
+    """For the int4 GEMVs with offset sums (INT4_RAW_ASM) that will read x [R, N] (as they
+    read it: stored and back in fp32, zeros where nothing is): per OSUM_COLS columns, the sum
+    of x times the offset its code's operand carries (INT4_OFF_EVEN on even columns,
+    INT4_OFF_ODD on odd ones; each row's first column is even), to osum_ptr + first [R] + j
+    for the j-th run of OSUM_COLS columns where mask [R, N / OSUM_COLS]."""
+    R: tl.constexpr = x.shape[0]
+    NB: tl.constexpr = N // OSUM_COLS
+    odd = tl.arange(0, N) % 2
+    x = x * tl.where(odd == 1, INT4_OFF_ODD, INT4_OFF_EVEN)[None, :]
+    sums = tl.sum(tl.reshape(x, [R, NB, OSUM_COLS]), axis=2)
+    tl.store(osum_ptr + first[:, None] + tl.arange(0, NB)[None, :], sums, mask=mask)
+
+
+@triton.jit
+def _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h,
+                  B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                  OFFSET_SUMS: tl.constexpr):
     """Store the residual stream's new h[:, rows] (each row has one writer per stage) and
     what the readers of the next RMSNorm (weights g[rows]) need: xn = h * g in the model
-    dtype and this tile's sum of h^2 per sequence, ss[b, tile]. The callers load h's old
-    value and g (_publish_inputs; before their GEMV up to EARLY_LOADS_MAX_BP)."""
+    dtype and this tile's sum of h^2 per sequence, ss[b, tile] (and with OFFSET_SUMS xn's
+    offset sums, osum [B, D / OSUM_COLS]). The callers load h's old value and g
+    (_publish_inputs; before their GEMV up to EARLY_LOADS_MAX_BP)."""
     bidx = tl.arange(0, BP)
     bmask = bidx < B
     mask = bmask[:, None] & row_mask[None, :]
     offs = bidx[:, None] * D + rows[None, :]
     tl.store(h_ptr + offs, h, mask=mask)
-    tl.store(xn_ptr + offs, (h * g[None, :]).to(xn_ptr.dtype.element_ty), mask=mask)
+    xn = (h * g[None, :]).to(xn_ptr.dtype.element_ty)
+    tl.store(xn_ptr + offs, xn, mask=mask)
+    if OFFSET_SUMS:
+        NB: tl.constexpr = BN // OSUM_COLS
+        runs = tile * NB + tl.arange(0, NB)
+        _store_offset_sums(osum_ptr, tl.where(mask, xn.to(tl.float32), 0.0),
+                           bidx * (D // OSUM_COLS) + tile * NB,
+                           bmask[:, None] & (runs < D // OSUM_COLS)[None, :], BN)
     h = tl.where(mask, h, 0.0)
     tl.store(ss_ptr + bidx * ((D + BN - 1) // BN) + tile, tl.sum(h * h, axis=1), mask=bmask)
 
@@ -620,8 +729,8 @@ def _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h, B: tl.const
 
 
 @triton.jit
-def _embed(tile, ids_ptr, embed_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr, B: tl.constexpr,
-           BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr):
+def _embed(tile, ids_ptr, embed_ptr, h_ptr, xn_ptr, ss_ptr, osum_ptr, g_ptr, B: tl.constexpr,
+           BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, OFFSET_SUMS: tl.constexpr):
     """Rows tile*BN.. of h = the token embeddings (tiled like the down projection, whose
     outputs the next readers take in the same shape)."""
     bidx = tl.arange(0, BP)
@@ -631,8 +740,8 @@ def _embed(tile, ids_ptr, embed_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr, B: tl.constex
     emb = tl.load(embed_ptr + ids[:, None] * D + rows[None, :],
                   mask=(bidx[:, None] < B) & row_mask[None, :], other=0.0)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
-    _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, emb.to(tl.float32), B, BP, D,
-                  BN)
+    _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, emb.to(tl.float32),
+                  B, BP, D, BN, OFFSET_SUMS)
 
 
 @triton.jit
@@ -644,7 +753,7 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
          NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
          USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
          QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-         HAS_ZEROS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
+         ZERO_POINTS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
          PARTS_P: tl.constexpr, PTX: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, bias, then (_finish_head) RoPE and the
     store to q (query heads) or to the KV cache (key/value heads), and the signal.
@@ -663,7 +772,7 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, s_first, z_first,
                 xn_ptr, B, BP, BN_QKV, BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP,
-                HAS_ZEROS, k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
+                ZERO_POINTS, k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
     if BP > EARLY_LOADS_MAX_BP:
         ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
@@ -749,24 +858,30 @@ def _finish_head(layer, head, x, dims, pos, cos, sin, norms_ptr, q_ptr, k_cache_
 
 
 @triton.jit
-def _store_attn(attn_ptr, seq, kvh, out, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
-                GP: tl.constexpr):
+def _store_attn(attn_ptr, osum_ptr, seq, kvh, out, H: tl.constexpr, KVH: tl.constexpr,
+                HD: tl.constexpr, GP: tl.constexpr, OFFSET_SUMS: tl.constexpr):
     """attn[seq, query heads of kv group kvh] = out [GP, HD] (rows past the group's heads
-    are padding), in attn's dtype."""
+    are padding), in attn's dtype; with OFFSET_SUMS its offset sums too (osum [B, H * HD /
+    OSUM_COLS])."""
     G: tl.constexpr = H // KVH
     g = tl.arange(0, GP)
     heads = kvh * G + g
+    out = out.to(attn_ptr.dtype.element_ty)
     tl.store(attn_ptr + seq * (H * HD) + heads[:, None] * HD + tl.arange(0, HD)[None, :],
-             out.to(attn_ptr.dtype.element_ty), mask=(g < G)[:, None])
+             out, mask=(g < G)[:, None])
+    if OFFSET_SUMS:
+        NB: tl.constexpr = HD // OSUM_COLS
+        _store_offset_sums(osum_ptr, out.to(tl.float32), (seq * H + heads) * NB,
+                           (g < G)[:, None] & (tl.arange(0, NB) < NB)[None, :], HD)
 
 
 @triton.jit
 def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
-                  part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
+                  part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_ptr,
                   B: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
                   S_MAX: tl.constexpr, GP: tl.constexpr, NSPLIT: tl.constexpr,
                   SM_SCALE: tl.constexpr, BS: tl.constexpr, STAGES: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
+                  DOT_PREC: tl.constexpr, OFFSET_SUMS: tl.constexpr):
     """Flash-decoding: the query heads of one kv group against one split of the cache
     (positions 0..pos of this sequence, split in NSPLIT runs of whole BS blocks). The blocks
     go through Triton's pipeliner, STAGES deep: one block at a time left a long cache's
@@ -805,7 +920,8 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)
         m = m_new
     if NSPLIT == 1:  # the whole cache: the output itself, nothing to merge
-        _store_attn(attn_ptr, seq, kvh, acc / tl.where(gmask, l, 1.0)[:, None], H, KVH, HD, GP)
+        _store_attn(attn_ptr, osum_ptr, seq, kvh, acc / tl.where(gmask, l, 1.0)[:, None], H,
+                    KVH, HD, GP, OFFSET_SUMS)
     else:
         row = (seq * H + heads) * NSPLIT + split
         tl.store(part_m_ptr + row, m, mask=gmask)
@@ -814,9 +930,9 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
 
 
 @triton.jit
-def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
+def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_ptr,
                 H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr,
-                NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr):
+                NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr, OFFSET_SUMS: tl.constexpr):
     """Combine the splits into attn[seq, heads of kvh], deterministically (a fixed reduction
     tree). The partials are read in blocks of up to 8 splits, all requested at once (one L2
     round trip for 8 splits, where a loop over them made one round trip a split)."""
@@ -845,21 +961,23 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
                       + d[None, None, :], mask=mask_b[:, :, None], other=0.0,
                       cache_modifier=".cg")
         acc += tl.sum(o_s * tl.exp(m_s - m_all[:, None])[:, :, None], axis=1)
-    _store_attn(attn_ptr, seq, kvh, acc / tl.where(gmask, denom, 1.0)[:, None], H, KVH, HD, GP)
+    _store_attn(attn_ptr, osum_ptr, seq, kvh, acc / tl.where(gmask, denom, 1.0)[:, None], H,
+                KVH, HD, GP, OFFSET_SUMS)
 
 
 @triton.jit
-def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, g_ptr,
-                   partial_ptr, counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr,
+def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, osum_ptr,
+                   g_ptr, partial_ptr, counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr,
                    arrive_ctr, task, max_spin, prof_ptr, B: tl.constexpr, BP: tl.constexpr,
                    D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
                    SPLITS_P: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                    STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
                    PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-                   HAS_ZEROS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
+                   ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
                    PTX: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
-    published for the next norm (weights g). The first weight chunk is requested before the
+    published for the next norm (weights g; xn's offset sums to osum_ptr with offset-sum
+    int4 weights, whose z_ptr is x's). The first weight chunk is requested before the
     wait on the producers of x.
 
     Split over K (SPLITS > 1: the down projection), a task takes columns part * K/SPLITS..
@@ -872,19 +990,19 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     row_mask = rows < D
     k_lo = part * KPART
     w0, s0, z0 = _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
-                             HAS_ZEROS, USE_DOT, KSPLIT, PF_K)
+                             ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
              IGNORE_DEPS, PROFILE):
         if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
             h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, s0, z0,
-                    x_ptr, B, BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS,
+                    x_ptr, B, BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, ZERO_POINTS,
                     CDT, KSPLIT, PTX)
         if SPLITS == 1:
             if BP > EARLY_LOADS_MAX_BP:
                 h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
-            _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + acc, B, BP, D,
-                          BN)
+            _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + acc, B, BP,
+                          D, BN, ZERO_POINTS == ZP_OFFSET_SUMS)
             _signal(counters_ptr, signal_ctr)
         else:
             bidx = tl.arange(0, BP)
@@ -901,8 +1019,8 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                                 mask=(sp < SPLITS) & mask[None, :, :], other=0.0,
                                 cache_modifier=".cg")
                 total = tl.sum(parts, axis=0)
-                _publish_rows(h_ptr, xn_ptr, ss_ptr, g, tile, rows, row_mask, h + total, B, BP,
-                              D, BN)
+                _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + total,
+                              B, BP, D, BN, ZERO_POINTS == ZP_OFFSET_SUMS)
                 _signal(counters_ptr, signal_ctr)
 
 
@@ -917,7 +1035,7 @@ def decode_step_kernel(
     lm_scales_ptr, lm_zeros_ptr, inv_freq_ptr,
     k_cache_ptr, v_cache_ptr,
     h_ptr, xn_mlp_ptr, ss_mlp_ptr, xn_attn_ptr, ss_attn_ptr, q_ptr, qk_raw_ptr, attn_ptr,
-    act_ptr,
+    act_ptr, osum_xn_mlp_ptr, osum_xn_attn_ptr, osum_attn_ptr, osum_act_ptr,
     logits_ptr, part_m_ptr, part_l_ptr, part_o_ptr, partial_ptr, prof_ptr,
     B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, F: tl.constexpr, H: tl.constexpr,
     KVH: tl.constexpr, HD: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
@@ -925,7 +1043,7 @@ def decode_step_kernel(
     EPS: tl.constexpr, SM_SCALE: tl.constexpr,
     LAYER_STRIDE: tl.constexpr, OFF_O: tl.constexpr, OFF_GU: tl.constexpr,
     OFF_DOWN: tl.constexpr, NORM_STRIDE: tl.constexpr,
-    WBITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, LM_WBITS: tl.constexpr,
+    WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, LM_WBITS: tl.constexpr,
     SCALE_STRIDE: tl.constexpr, SOFF_O: tl.constexpr, SOFF_GU: tl.constexpr,
     SOFF_DOWN: tl.constexpr,
     BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
@@ -942,6 +1060,9 @@ def decode_step_kernel(
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
     CDT: tl.constexpr = embed_ptr.dtype.element_ty  # the model dtype (tl.dot operands)
+    # Offset-sum int4 GEMVs (plan tile offset_sums): every producer of a GEMV input publishes
+    # its offset sums (osum_<input>), which the GEMV reads through its z pointer.
+    OFFSET_SUMS: tl.constexpr = ZERO_POINTS == ZP_OFFSET_SUMS
     # h's sums of squares come in PARTS_O parts, one per O-proj tile (read by gate/up), and
     # PARTS_DOWN, one per down tile (read by QKV and the LM head; EMBED is tiled like down):
     # Plan.norm_parts, which also sizes the buffers.
@@ -962,6 +1083,15 @@ def decode_step_kernel(
         layer_w = arena_ptr + layer.to(tl.int64) * LAYER_STRIDE
         layer_s = scales_ptr + layer.to(tl.int64) * SCALE_STRIDE
         layer_z = zeros_ptr + layer.to(tl.int64) * SCALE_STRIDE
+        # What each GEMV's z pointer reads: its zero points, or its input's offset sums.
+        if OFFSET_SUMS:
+            z_qkv, z_o, z_gu, z_down = (osum_xn_mlp_ptr, osum_attn_ptr, osum_xn_attn_ptr,
+                                        osum_act_ptr)
+            z_lm = osum_xn_mlp_ptr
+        else:
+            z_qkv, z_o, z_gu, z_down = (layer_z, layer_z + SOFF_O, layer_z + SOFF_GU,
+                                        layer_z + SOFF_DOWN)
+            z_lm = lm_zeros_ptr
         if PROFILE:
             rec = prof_ptr + task * 5
             tl.store(rec + 0, tl.program_id(0).to(tl.int64))
@@ -970,58 +1100,59 @@ def decode_step_kernel(
 
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
-            w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, layer_z, rows_qkv,
+            w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, z_qkv, rows_qkv,
                                                  rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS,
-                                                 GROUP, HAS_ZEROS, USE_DOT, KSPLIT_QKV,
+                                                 GROUP, ZERO_POINTS, USE_DOT, KSPLIT_QKV,
                                                  PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, layer_z, norms_ptr,
+                _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, z_qkv, norms_ptr,
                      bias_ptr, inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, qk_raw_ptr,
                      k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr, aux_ctr,
                      B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV,
-                     USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, HAS_ZEROS,
+                     USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, ZERO_POINTS,
                      KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX)
         elif op == OP_ATTN:
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
-                              part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, B, H, KVH, HD, S_MAX,
-                              GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC)
+                              part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_attn_ptr, B, H,
+                              KVH, HD, S_MAX, GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC,
+                              OFFSET_SUMS)
                 if NSPLIT == 1:  # one task per (sequence, kv head) wrote attn itself
                     _signal(counters_ptr, signal_ctr)
                 else:
                     # Publish the partial; the split that arrives last (acquiring the others')
                     # merges all of them and signals the layer's merge counter.
                     if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
-                        _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, H, KVH,
-                                    HD, GP, NSPLIT, NSPLIT_P)
+                        _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
+                                    osum_attn_ptr, H, KVH, HD, GP, NSPLIT, NSPLIT_P, OFFSET_SUMS)
                         _signal(counters_ptr, signal_ctr)
         elif op == OP_OPROJ:
             # Publishes h for the post-attention norm of this layer.
-            _residual_task(a, 0, layer_w + OFF_O, layer_s + SOFF_O, layer_z + SOFF_O, Q,
-                           attn_ptr, h_ptr, xn_attn_ptr, ss_attn_ptr,
+            _residual_task(a, 0, layer_w + OFF_O, layer_s + SOFF_O, z_o, Q,
+                           attn_ptr, h_ptr, xn_attn_ptr, ss_attn_ptr, osum_xn_attn_ptr,
                            norms_ptr + layer * NORM_STRIDE + D, partial_ptr, counters_ptr,
                            ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
                            prof_ptr, B, BP, D, BN_O, BK, 1, 1, USE_DOT, DOT_PREC, STAGES, PF_K,
-                           IGNORE_DEPS, PROFILE, WBITS, GROUP, HAS_ZEROS, CDT, KSPLIT, PTX)
+                           IGNORE_DEPS, PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
             f_rows = a * BN_UP + j // 2
             rows_gu = f_rows + (j % 2) * F
             w_gu = layer_w + OFF_GU
-            w0_gu, s0_gu, z0_gu = _load_first(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU,
+            w0_gu, s0_gu, z0_gu = _load_first(w_gu, layer_s + SOFF_GU, z_gu,
                                               rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP,
-                                              HAS_ZEROS, USE_DOT, KSPLIT, PF_K)
+                                              ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
-                acc_gu = _gemv(w_gu, layer_s + SOFF_GU, layer_z + SOFF_GU, rows_gu, f_rows < F,
+                acc_gu = _gemv(w_gu, layer_s + SOFF_GU, z_gu, rows_gu, f_rows < F,
                                D, 0, D, w0_gu, s0_gu, z0_gu, xn_attn_ptr, B, BP, 2 * BN_UP,
-                               BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, HAS_ZEROS, CDT,
+                               BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, ZERO_POINTS, CDT,
                                KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
@@ -1030,32 +1161,40 @@ def decode_step_kernel(
                 act = gate / (1.0 + tl.exp(-gate)) * up
                 b_gu = tl.arange(0, BP)
                 cols_gu = a * BN_UP + tl.arange(0, BN_UP)
-                tl.store(act_ptr + b_gu[:, None] * F + cols_gu[None, :],
-                         act.to(act_ptr.dtype.element_ty),
-                         mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
+                act = act.to(act_ptr.dtype.element_ty)
+                act_mask = (b_gu[:, None] < B) & (cols_gu[None, :] < F)
+                tl.store(act_ptr + b_gu[:, None] * F + cols_gu[None, :], act, mask=act_mask)
+                if OFFSET_SUMS:
+                    NB_GU: tl.constexpr = BN_UP // OSUM_COLS
+                    runs_gu = a * NB_GU + tl.arange(0, NB_GU)
+                    _store_offset_sums(osum_act_ptr,
+                                       tl.where(act_mask, act.to(tl.float32), 0.0),
+                                       b_gu * (F // OSUM_COLS) + a * NB_GU,
+                                       (b_gu[:, None] < B) & (runs_gu < F // OSUM_COLS)[None, :],
+                                       BN_UP)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_DOWN:
             # Publishes h for the next layer's input norm (after the last: the final norm).
             # Split over F (DOWN_SPLITS parts): part b waits only for its gate/up tiles.
-            _residual_task(a, b, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, layer_z + SOFF_DOWN,
-                           F, act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr,
+            _residual_task(a, b, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, z_down,
+                           F, act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
                            norms_ptr + (layer + 1) * NORM_STRIDE, partial_ptr, counters_ptr,
                            ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
                            prof_ptr, B, BP, D, BN_DOWN, BK, DOWN_SPLITS, DOWN_SPLITS_P, USE_DOT,
                            DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
-                           HAS_ZEROS, CDT, KSPLIT, PTX)
+                           ZERO_POINTS, CDT, KSPLIT, PTX)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
-            w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm,
-                                              rows_lm < V, D, 0, BK, LM_WBITS, GROUP, HAS_ZEROS,
+            w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm,
+                                              rows_lm < V, D, 0, BK, LM_WBITS, GROUP, ZERO_POINTS,
                                               USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
-                acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, lm_zeros_ptr, rows_lm, rows_lm < V,
+                acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm, rows_lm < V,
                                D, 0, D, w0_lm, s0_lm, z0_lm, xn_mlp_ptr, B, BP, BN_LM, BK,
-                               USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, HAS_ZEROS, CDT,
+                               USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, ZERO_POINTS, CDT,
                                KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
@@ -1067,8 +1206,8 @@ def decode_step_kernel(
         else:  # OP_EMBED
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      IGNORE_DEPS, PROFILE):
-                _embed(a, ids_ptr, embed_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, norms_ptr, B, BP, D,
-                       BN_DOWN)
+                _embed(a, ids_ptr, embed_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
+                       norms_ptr, B, BP, D, BN_DOWN, OFFSET_SUMS)
                 _signal(counters_ptr, signal_ctr)
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.gpu
 MAX_SEQ = 1024
 SCHEMES = {"int8": QuantScheme(8), "int4-g128": QuantScheme(4, 128),
            "int4-g64-asym": QuantScheme(4, 64, symmetric=False)}
+# The plans each scheme is checked with: symmetric int4 in both forms of its GEMV.
+PLANS = {"int4-g128": [dict(offset_sums=0), dict(offset_sums=1)]}
 
 
 @pytest.fixture(scope="module", params=[(s, q) for s in ORACLE for q in SCHEMES],
@@ -42,24 +44,27 @@ def quantized(request):
                          max_seq_len=MAX_SEQ, dtype=ref_dtype, device="cuda")
     del state
     torch.cuda.empty_cache()
-    yield config, weights, ref, tolerance
+    yield config, weights, ref, tolerance, PLANS.get(scheme, [{}])
     del weights, ref
     torch.cuda.empty_cache()
 
 
 def test_quantized_real_shape_matches_reference(quantized) -> None:
-    config, weights, ref, tolerance = quantized
-    plan = make_plan(config, batch=1, max_seq_len=MAX_SEQ, quant=weights.scheme)
+    config, weights, ref, tolerance, plans = quantized
     pos = 512
     gen = torch.Generator(device="cuda").manual_seed(pos)
     k, v = (torch.empty(ref.cache.k.shape, dtype=torch.bfloat16, device="cuda") for _ in "kv")
     for mine, theirs in ((k, ref.cache.k), (v, ref.cache.v)):
         mine[:, :, :, : pos + 1].normal_(generator=gen)
         theirs[:, :, :, : pos + 1].copy_(mine[:, :, :, : pos + 1])
-    runtime = DecodeRuntime(config, weights, plan, k, v)
     ids = torch.randint(0, config.vocab_size, (1,), device="cuda", generator=gen)
-    for buf in runtime.workspaces().values():
-        buf.fill_(float("nan"))
-    out = runtime.step(ids.int(), torch.tensor([pos], device="cuda", dtype=torch.int32))
     want = ref(ids[:, None], torch.tensor([pos], device="cuda"))[:, 0]
-    assert_close(out, want, rtol_norm=tolerance, name=f"{config.family} {plan.quant.describe()}")
+    for tiles in plans:
+        plan = make_plan(config, batch=1, max_seq_len=MAX_SEQ, quant=weights.scheme, **tiles)
+        runtime = DecodeRuntime(config, weights, plan, k, v)
+        for buf in runtime.workspaces().values():
+            buf.fill_(float("nan"))
+        out = runtime.step(ids.int(), torch.tensor([pos], device="cuda", dtype=torch.int32))
+        assert_close(out, want, rtol_norm=tolerance,
+                     name=f"{config.family} {plan.quant.describe()} {tiles}")
+        del runtime

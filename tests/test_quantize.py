@@ -221,21 +221,32 @@ def test_ptx_code_converters_are_exact_for_every_byte(signed: bool) -> None:
     from flashformer_triton.kernels import decode
 
     @triton.jit
-    def convert(src, lo_out, hi_out, i8_out, SIGNED: tl.constexpr):
+    def convert(src, lo_out, hi_out, i8_out, raw_lo_out, raw_hi_out, SIGNED: tl.constexpr):
         idx = tl.arange(0, 256)
         byte = tl.load(src + idx)
         lo, hi = decode._int4_to_f16(byte, SIGNED)
         tl.store(lo_out + idx, lo)
         tl.store(hi_out + idx, hi)
         tl.store(i8_out + idx, decode._int8_to_f16(byte.to(tl.int8, bitcast=True)))
+        raw_lo, raw_hi = decode._int4_raw_to_f16(byte)
+        tl.store(raw_lo_out + idx, raw_lo)
+        tl.store(raw_hi_out + idx, raw_hi)
 
     codes = torch.arange(256, dtype=torch.uint8, device="cuda")
-    lo, hi, i8 = (torch.empty(256, dtype=torch.float16, device="cuda") for _ in range(3))
-    convert[(1,)](codes, lo, hi, i8, SIGNED=signed)
+    lo, hi, i8, raw_lo, raw_hi = (torch.empty(256, dtype=torch.float16, device="cuda")
+                                  for _ in range(5))
+    # One warp: eight bytes a thread, so each packed run of four is four adjacent bytes, as in
+    # the kernel's chunks.
+    convert[(1,)](codes, lo, hi, i8, raw_lo, raw_hi, SIGNED=signed, num_warps=1)
     offset = 8 if signed else 0
     assert torch.equal(lo, ((codes & 15).float() - offset).half())
     assert torch.equal(hi, ((codes >> 4).float() - offset).half())
     assert torch.equal(i8, codes.view(torch.int8).half())
+    # The offset-sum converter: the codes plus 1024 (low) and 64 (high), each run of four
+    # bytes in the order 0, 2, 1, 3.
+    order = (torch.arange(256, device="cuda").view(-1, 4)[:, [0, 2, 1, 3]]).reshape(-1)
+    assert torch.equal(raw_lo, ((codes[order] & 15).float() + 1024).half())
+    assert torch.equal(raw_hi, ((codes[order] >> 4).float() + 64).half())
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -281,6 +292,53 @@ def test_kernel_quantized_down_projection_split_over_f(scheme: str) -> None:
     pair = _pair("llama", batch=len(lengths), dtype=torch.bfloat16, quant=SCHEMES[scheme],
                  down_splits=5, block_k=32)
     _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
+
+
+# Offset-sum GEMVs: every producer of a GEMV input publishes its offset sums (embed, the
+# attention's one-split store and its merge, O-proj, gate/up, down whole or split over F).
+OFFSET_SUM_CASES = {
+    "llama": ("llama", {}),
+    "qwen3": ("qwen3", {}),
+    "llama3-one-kv-split": ("llama3_scaled", dict(kv_splits=1)),
+    "llama-down-split": ("llama", dict(down_splits=5, block_k=32)),
+    "llama-part-empty-tiles": ("llama", dict(o_rows=64, down_rows=64, gate_up_rows=32)),
+}
+
+
+@pytest.mark.parametrize("case", list(OFFSET_SUM_CASES))
+def test_kernel_int4_offset_sums(case: str) -> None:
+    """offset_sums=1: symmetric int4 codes enter the dot with their operand offsets, which
+    come off through the sums x's producers publish (a missing or misplaced sum is off by
+    about a thousand times x)."""
+    family, tiles = OFFSET_SUM_CASES[case]
+    lengths = BATCHES["b3-ragged"]
+    pair = _pair(family, batch=len(lengths), dtype=torch.bfloat16, quant=INT4, offset_sums=1,
+                 **tiles)
+    assert pair.plan.constexprs()["ZERO_POINTS"] == 2
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.bfloat16)
+
+
+def test_kernel_int4_offset_sums_batch_1() -> None:
+    """Batch 1 on tensor cores (groups of 128), as the plan runs 8B int4."""
+    quant = QuantScheme(4, 128)
+    shape = dict(hidden_size=128, intermediate_size=384, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32)
+    pair = _pair("llama", batch=1, dtype=torch.bfloat16, quant=quant, overrides=shape,
+                 block_k=128, qkv_block_k=128, tensor_cores=1, offset_sums=1)
+    _run_and_compare(pair, [4], steps=2, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(("quant", "batch", "tiles", "match"), [
+    (QuantScheme(8), 3, {}, "symmetric int4 weights on tensor cores"),
+    (INT4_ASYM, 3, {}, "symmetric int4 weights on tensor cores"),
+    (INT4, 1, {}, "batch 1 with tensor_cores=0"),
+    (None, 3, {}, "offset_sums=1 is for symmetric int4 weights"),
+    (INT4, 3, dict(dtype=torch.float32), "offset_sums=1 is for bf16/fp16 models"),
+])
+def test_offset_sums_are_refused_where_they_do_not_apply(quant, batch, tiles, match) -> None:
+    config = preset("llama-3.2-1b")
+    with pytest.raises(ValueError, match=match):
+        make_plan(config, batch=batch, max_seq_len=256, quant=quant, offset_sums=1, **tiles)
 
 
 @pytest.mark.parametrize("group", [64, 128])

@@ -106,6 +106,11 @@ class Tiles:
     # 1: the tensor-core GEMVs (model dtype, int8) multiply each chunk as one 2-D dot rather
     # than as one column block per warp (dot_ksplit).
     plain_dot: int = 0
+    # 1: symmetric int4 codes enter the tensor-core dot with the offsets of their fp16
+    # operands left on (five instructions per 8 codes instead of ten), and the producers of
+    # every GEMV input publish its sums per 16 columns times those offsets, which the GEMVs
+    # take off per group (kernels/decode.py INT4_RAW_ASM).
+    offset_sums: int = 0
 
 
 @dataclass(frozen=True)
@@ -367,7 +372,9 @@ class Plan:
             # group size (0: one scale per row), zero points stored or fixed.
             "WBITS": quant.bits if quant else 0,
             "GROUP": (quant.group_size or 0) if quant else 0,
-            "HAS_ZEROS": bool(quant and not quant.symmetric),
+            # What the int4 maths subtracts (kernels/decode.py ZP_*): the fixed 8, stored
+            # zero points, or x's offset sums.
+            "ZERO_POINTS": (1 if quant and not quant.symmetric else 2 if t.offset_sums else 0),
             "LM_WBITS": quant.bits if quant and quant.lm_head else 0,
             "SCALE_STRIDE": scales.layer_stride,
             "SOFF_O": scales.o,
@@ -487,10 +494,12 @@ def make_plan(
             tiles = _with_tuned(tiles, config, batch, dtype, gpu)
     tiles = replace(tiles, **tile_overrides)
     if quant:
-        _check_quant(config, tiles, quant, batch)
+        _check_quant(config, tiles, quant, batch, dtype)
     elif tiles.fp16_activations:
         raise ValueError("fp16_activations=1 is for quantized weights (bf16 weights would need "
                          "their inputs converted back); leave it at 0")
+    elif tiles.offset_sums:
+        raise ValueError("offset_sums=1 is for symmetric int4 weights; leave it at 0")
     _check_tiles(config, tiles, batch)
 
     c, t = config, tiles
@@ -658,7 +667,8 @@ def _tensor_cores_ok(quant: QuantScheme, batch: int) -> bool:
     return batch > 1 or quant.bits == 8 or (quant.group_size or 0) >= 128
 
 
-def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme, batch: int) -> None:
+def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme, batch: int,
+                 dtype: torch.dtype) -> None:
     check_quantizable(config, quant)
     if t.fp16_activations and not _on_tensor_cores(batch, t.tensor_cores):
         raise ValueError(
@@ -677,6 +687,39 @@ def _check_quant(config: ModelConfig, t: Tiles, quant: QuantScheme, batch: int) 
                     f"tile {name}={getattr(t, name)} must be >= the int4 group size "
                     f"{quant.group_size} (a streamed chunk holds whole groups)"
                 )
+    if t.offset_sums:
+        _check_offset_sums(config, t, quant, batch, dtype)
+
+
+OFFSET_SUM_COLS = 16  # kernels/decode.py OSUM_COLS: columns per published offset sum
+
+
+def _check_offset_sums(config: ModelConfig, t: Tiles, quant: QuantScheme, batch: int,
+                       dtype: torch.dtype) -> None:
+    """The offset-sum GEMVs: symmetric int4 on tensor cores of a 16-bit model, and every
+    producer of a GEMV input (O-proj, down and embed row tiles, gate/up tiles, attention
+    heads) covering whole runs of OFFSET_SUM_COLS columns."""
+    if dtype == torch.float32:
+        raise ValueError(
+            "offset_sums=1 is for bf16/fp16 models: it saves work on their fp16 operands, and "
+            "in fp32 taking the offsets (about 1000 x) off after the product costs precision "
+            "(1.3e-4 relative on the H100); leave offset_sums at 0"
+        )
+    if quant.bits != 4 or not quant.symmetric or not _on_tensor_cores(batch, t.tensor_cores):
+        raise ValueError(
+            f"offset_sums=1 is for symmetric int4 weights on tensor cores (batch > 1, or "
+            f"tensor_cores=1); this plan has {quant.describe()} at batch {batch} with "
+            f"tensor_cores={t.tensor_cores}: leave offset_sums at 0"
+        )
+    sizes = dict(o_rows=t.o_rows, down_rows=t.down_rows, gate_up_rows=t.gate_up_rows,
+                 head_dim=config.head_dim)
+    for name, size in sizes.items():
+        if size % OFFSET_SUM_COLS:
+            raise ValueError(
+                f"offset_sums=1 needs {name}={size} to be a multiple of {OFFSET_SUM_COLS} "
+                f"(its producers publish sums per {OFFSET_SUM_COLS} columns); leave "
+                f"offset_sums at 0"
+            )
 
 
 def _with_tuned(tiles: Tiles, config: ModelConfig, batch: int, dtype: torch.dtype,

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from flashformer_triton.config import ModelConfig
-from flashformer_triton.plan import Op, Plan
+from flashformer_triton.plan import OFFSET_SUM_COLS, Op, Plan
 from flashformer_triton.weights import PackedWeights
 
 # Control block slots and the error encoding (kernels/decode.py CTRL_*, ERR_BASE).
@@ -139,6 +139,16 @@ class DecodeRuntime:
         self.attn = torch.empty(B, c.q_size, **acts)
         self.act = torch.empty(B, c.intermediate_size, **acts)
         self.logits = torch.empty(B, c.vocab_size, **f32)
+        # With offset-sum int4 GEMVs (tile offset_sums), each GEMV input's sums per 16 columns
+        # times its codes' operand offsets, written by its producers (kernels/decode.py).
+        def offset_sums(width: int) -> torch.Tensor:
+            cols = width // OFFSET_SUM_COLS if plan.tiles.offset_sums else 1
+            return torch.empty(B if plan.tiles.offset_sums else 1, cols, **f32)
+
+        self.osum_xn_mlp = offset_sums(c.hidden_size)
+        self.osum_xn_attn = offset_sums(c.hidden_size)
+        self.osum_attn = offset_sums(c.q_size)
+        self.osum_act = offset_sums(c.intermediate_size)
         self.part_m = torch.empty(B, c.num_heads, splits, **f32)
         self.part_l = torch.empty(B, c.num_heads, splits, **f32)
         self.part_o = torch.empty(B, c.num_heads, splits, c.head_dim, **f32)
@@ -162,8 +172,10 @@ class DecodeRuntime:
         return {"h": self.h, "xn_mlp": self.xn_mlp, "ss_mlp": self.ss_mlp,
                 "xn_attn": self.xn_attn, "ss_attn": self.ss_attn, "q": self.q,
                 "qk_raw": self.qk_raw, "attn": self.attn, "act": self.act,
-                "logits": self.logits, "part_m": self.part_m, "part_l": self.part_l,
-                "part_o": self.part_o, "partial": self.partial}
+                "osum_xn_mlp": self.osum_xn_mlp, "osum_xn_attn": self.osum_xn_attn,
+                "osum_attn": self.osum_attn, "osum_act": self.osum_act, "logits": self.logits,
+                "part_m": self.part_m, "part_l": self.part_l, "part_o": self.part_o,
+                "partial": self.partial}
 
     def _arguments(self) -> tuple:
         w = self.weights
@@ -175,7 +187,8 @@ class DecodeRuntime:
             self.k_cache, self.v_cache,
             self.h, self.xn_mlp, self.ss_mlp, self.xn_attn, self.ss_attn, self.q, self.qk_raw,
             self.attn,
-            self.act, self.logits,
+            self.act, self.osum_xn_mlp, self.osum_xn_attn, self.osum_attn, self.osum_act,
+            self.logits,
             self.part_m, self.part_l, self.part_o, self.partial, self.timeline,
         )
 
