@@ -700,6 +700,21 @@ def _store_offset_sums(osum_ptr, x, first, mask, N: tl.constexpr):
 
 
 @triton.jit
+def _store_tile_offset_sums(osum_ptr, x, tile, B: tl.constexpr, WIDTH: tl.constexpr):
+    """_store_offset_sums of a row tile: columns tile * BN.. of a [B, WIDTH] GEMV input,
+    x [BP, BN] as stored (osum [B, WIDTH / OSUM_COLS])."""
+    BP: tl.constexpr = x.shape[0]
+    BN: tl.constexpr = x.shape[1]
+    NB: tl.constexpr = BN // OSUM_COLS
+    bidx = tl.arange(0, BP)
+    cols = tile * BN + tl.arange(0, BN)
+    runs = tile * NB + tl.arange(0, NB)
+    x = tl.where((bidx < B)[:, None] & (cols < WIDTH)[None, :], x.to(tl.float32), 0.0)
+    _store_offset_sums(osum_ptr, x, bidx * (WIDTH // OSUM_COLS) + tile * NB,
+                       (bidx < B)[:, None] & (runs < WIDTH // OSUM_COLS)[None, :], BN)
+
+
+@triton.jit
 def _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h,
                   B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                   OFFSET_SUMS: tl.constexpr):
@@ -716,11 +731,7 @@ def _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h,
     xn = (h * g[None, :]).to(xn_ptr.dtype.element_ty)
     tl.store(xn_ptr + offs, xn, mask=mask)
     if OFFSET_SUMS:
-        NB: tl.constexpr = BN // OSUM_COLS
-        runs = tile * NB + tl.arange(0, NB)
-        _store_offset_sums(osum_ptr, tl.where(mask, xn.to(tl.float32), 0.0),
-                           bidx * (D // OSUM_COLS) + tile * NB,
-                           bmask[:, None] & (runs < D // OSUM_COLS)[None, :], BN)
+        _store_tile_offset_sums(osum_ptr, xn, tile, B, D)
     h = tl.where(mask, h, 0.0)
     tl.store(ss_ptr + bidx * ((D + BN - 1) // BN) + tile, tl.sum(h * h, axis=1), mask=bmask)
 
@@ -986,6 +997,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     parts in order (deterministic; SPLITS_P: SPLITS padded to a power of two, from the plan),
     publishes the rows and signals."""
     KPART: tl.constexpr = K // SPLITS
+    OFFSET_SUMS: tl.constexpr = ZERO_POINTS == ZP_OFFSET_SUMS
     rows = tile * BN + tl.arange(0, BN)
     row_mask = rows < D
     k_lo = part * KPART
@@ -1002,7 +1014,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
             if BP > EARLY_LOADS_MAX_BP:
                 h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
             _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + acc, B, BP,
-                          D, BN, ZERO_POINTS == ZP_OFFSET_SUMS)
+                          D, BN, OFFSET_SUMS)
             _signal(counters_ptr, signal_ctr)
         else:
             bidx = tl.arange(0, BP)
@@ -1020,7 +1032,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                                 cache_modifier=".cg")
                 total = tl.sum(parts, axis=0)
                 _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + total,
-                              B, BP, D, BN, ZERO_POINTS == ZP_OFFSET_SUMS)
+                              B, BP, D, BN, OFFSET_SUMS)
                 _signal(counters_ptr, signal_ctr)
 
 
@@ -1162,16 +1174,10 @@ def decode_step_kernel(
                 b_gu = tl.arange(0, BP)
                 cols_gu = a * BN_UP + tl.arange(0, BN_UP)
                 act = act.to(act_ptr.dtype.element_ty)
-                act_mask = (b_gu[:, None] < B) & (cols_gu[None, :] < F)
-                tl.store(act_ptr + b_gu[:, None] * F + cols_gu[None, :], act, mask=act_mask)
+                tl.store(act_ptr + b_gu[:, None] * F + cols_gu[None, :], act,
+                         mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
                 if OFFSET_SUMS:
-                    NB_GU: tl.constexpr = BN_UP // OSUM_COLS
-                    runs_gu = a * NB_GU + tl.arange(0, NB_GU)
-                    _store_offset_sums(osum_act_ptr,
-                                       tl.where(act_mask, act.to(tl.float32), 0.0),
-                                       b_gu * (F // OSUM_COLS) + a * NB_GU,
-                                       (b_gu[:, None] < B) & (runs_gu < F // OSUM_COLS)[None, :],
-                                       BN_UP)
+                    _store_tile_offset_sums(osum_act_ptr, act, a, B, F)
                 _signal(counters_ptr, signal_ctr)
         elif op == OP_DOWN:
             # Publishes h for the next layer's input norm (after the last: the final norm).
