@@ -379,32 +379,29 @@ def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: 
 
 
 @triton.jit
-def _group_offsets(osum_ptr, K, k0, BK: tl.constexpr, GROUP: tl.constexpr, B: tl.constexpr,
-                   BP: tl.constexpr):
-    """What the offset-sum GEMV takes off each group of the chunk at k0, per sequence:
-    the GROUP // OSUM_COLS offset sums of x there (osum [B, K / OSUM_COLS], written by x's
-    producers this launch: read after the task's wait) -> [groups, BP] fp32."""
+def _offset_parts(osum_ptr, K, k0, BK: tl.constexpr, GROUP: tl.constexpr, B: tl.constexpr,
+                  BP: tl.constexpr):
+    """What the offset-sum GEMV takes off each group of the chunk at k0, per sequence, in
+    parts: the GROUP // OSUM_COLS offset sums of x there (osum [B, K / OSUM_COLS], written by
+    x's producers this launch) -> [groups, BP, parts] fp32. Loaded beside x in the same
+    chunk (_chunk_mv), so that Triton's pipeliner requests both stages ahead."""
     PER_GROUP: tl.constexpr = GROUP // OSUM_COLS
     grp = k0 // GROUP + tl.arange(0, BK // GROUP)
-    blocks = grp[:, None, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, :, None]
-    seq = tl.arange(0, BP)[None, None, :]
-    parts = tl.load(osum_ptr + seq * (K // OSUM_COLS) + blocks,
-                    mask=(seq < B) & (grp < K // GROUP)[:, None, None], other=0.0)
-    return tl.sum(parts, axis=1)
+    blocks = grp[:, None, None] * PER_GROUP + tl.arange(0, PER_GROUP)[None, None, :]
+    seq = tl.arange(0, BP)[None, :, None]
+    return tl.load(osum_ptr + seq * (K // OSUM_COLS) + blocks,
+                   mask=(seq < B) & (grp < K // GROUP)[:, None, None], other=0.0)
 
 
 @triton.jit
 def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
-                  GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr,
-                  B: tl.constexpr, BP: tl.constexpr):
-    """_group_params of the chunk at k0 for int4 weights (columns past K come masked: zeros),
-    with the chunk's _group_offsets as its zeros for ZP_OFFSET_SUMS; other weights have none
-    (placeholders)."""
+                  GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr):
+    """_group_params of the chunk at k0 for int4 weights (columns past K come masked: zeros;
+    with ZP_OFFSET_SUMS the zeros are unused: _chunk_mv reads x's offset sums); other weights
+    have none (placeholders)."""
     if WBITS == 4:
         scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, ZERO_POINTS,
                                     USE_DOT)
-        if ZERO_POINTS == ZP_OFFSET_SUMS:
-            zero = _group_offsets(z_ptr, K, k0, BK, GROUP, B, BP)
     else:
         scale = 0.0
         zero = 0.0
@@ -428,10 +425,8 @@ def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
             if ZERO_POINTS == ZP_STORED:
                 _prefetch_l2(z_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 128, 0)
     w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
-    # Offset sums are x's, written by the producers the task waits for: _gemv reads them.
-    zp: tl.constexpr = ZP_FIXED if ZERO_POINTS == ZP_OFFSET_SUMS else ZERO_POINTS
-    scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, zp,
-                                USE_DOT, 1, 1)
+    scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
+                                ZERO_POINTS, USE_DOT)
     return w, scale, zero
 
 
@@ -447,15 +442,15 @@ def _int4_terms(w, scale, zero):
 
 
 @triton.jit
-def _chunk_mv(w, x_ptr, scale, zero, K, k0,
+def _chunk_mv(w, x_ptr, z_ptr, scale, zero, K, k0,
               B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
               WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr,
               CDT: tl.constexpr, KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """One streamed chunk on tensor cores: per column block (int4: group) of the chunk,
     (w dequantized) @ x^T -> [blocks, BN, BP] fp32. int8: the codes enter the product as they
     are (in fp16 on the GPU, exact, with x in fp16 too); the per-row scale is applied once,
-    after the last chunk (_gemv). int4: `zero` is the groups' zero points, or with
-    ZP_OFFSET_SUMS their _group_offsets [groups, BP]."""
+    after the last chunk (_gemv). int4: `zero` is the groups' zero points; with
+    ZP_OFFSET_SUMS, z_ptr points at x's offset sums instead (_offset_parts)."""
     # Quantized codes become fp16 operands through the inline-PTX converters (not in the
     # interpreter, nor for fp32 models, whose operands stay fp32). x comes in fp16 already
     # when the plan stores activations so (tile fp16_activations), else it is converted here.
@@ -480,7 +475,7 @@ def _chunk_mv(w, x_ptr, scale, zero, K, k0,
             else:
                 lo = (w & 15).to(tl.float32) + 1024.0
                 hi = (w >> 4).to(tl.float32) + 64.0
-            offsets = zero[:, None, :]
+            offsets = tl.sum(_offset_parts(z_ptr, K, k0, BK, GROUP, B, BP), axis=2)[:, None, :]
             sum_scale = scale[:, :, None]
         elif F16_CODES and ZERO_POINTS == ZP_FIXED:
             # Symmetric codes minus 8 are exact fp16 operands: the groups' scales multiply
@@ -550,14 +545,14 @@ def _chunk_fma(acc, w, x_ptr, scale, zero, K, k0, BK: tl.constexpr, WBITS: tl.co
 
 
 @triton.jit
-def _accumulate(acc, w, x_ptr, scale, zero, K, k0,
+def _accumulate(acc, w, x_ptr, z_ptr, scale, zero, K, k0,
                 B: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
                 DOT_PREC: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
                 ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
                 PTX: tl.constexpr):
     """Add the chunk of columns k0..k0+BK to the GEMV's accumulator (its shapes: _gemv)."""
     if USE_DOT:
-        acc += _chunk_mv(w, x_ptr, scale, zero, K, k0, B, BP, BK, DOT_PREC,
+        acc += _chunk_mv(w, x_ptr, z_ptr, scale, zero, K, k0, B, BP, BK, DOT_PREC,
                          WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     else:
         acc = _chunk_fma(acc, w, x_ptr, scale, zero, K, k0, BK, WBITS, GROUP)
@@ -591,27 +586,21 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
     # leaves them to plain loads (a thread's 2 bytes are under cp.async's 4), whose round
     # trip each chunk then waited on (ncu, 8B int4: the down loop's most sampled stall).
     scale, zero = s_first, z_first
-    OFFSET_SUMS: tl.constexpr = WBITS == 4 and ZERO_POINTS == ZP_OFFSET_SUMS
-    if OFFSET_SUMS:
+    if WBITS == 4 and ZERO_POINTS == ZP_OFFSET_SUMS:
         tl.static_assert(USE_DOT, "int4 offset sums are for the tensor-core GEMVs")
-        # The first chunk's offsets are x's, so they could not come before the wait with its
-        # codes: requested now, taken off after the loop, so nothing waits on them here.
-        first_offsets = _group_offsets(z_ptr, K, k_lo, BK, GROUP, B, BP)
-        zero = tl.zeros([BK // GROUP, BP], dtype=tl.float32)
     scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo + BK, BK,
-                                          WBITS, GROUP, ZERO_POINTS, USE_DOT, B, BP)
-    acc = _accumulate(acc, w_first, x_ptr, scale, zero, K, k_lo, B, BP, BK, USE_DOT, DOT_PREC,
-                      WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
+                                          WBITS, GROUP, ZERO_POINTS, USE_DOT)
+    acc = _accumulate(acc, w_first, x_ptr, z_ptr, scale, zero, K, k_lo, B, BP, BK, USE_DOT,
+                      DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(k_lo + BK, k_hi, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
             scale, zero = scale_next, zero_next
             scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT, B,
-                                                  BP)
-            acc = _accumulate(acc, w, x_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT, DOT_PREC,
-                              WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
+                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT)
+            acc = _accumulate(acc, w, x_ptr, z_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
+                              DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     else:
         # Hand double-buffering: the next chunk is requested before this one's maths.
         w_next = _load_w(w_ptr, rows, row_mask, K, k_lo + BK, BK, WBITS, GROUP, USE_DOT,
@@ -622,12 +611,9 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
                              KSPLIT)
             scale, zero = scale_next, zero_next
             scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT, B,
-                                                  BP)
-            acc = _accumulate(acc, w_cur, x_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
+                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT)
+            acc = _accumulate(acc, w_cur, x_ptr, z_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
                               DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
-    if OFFSET_SUMS:
-        acc -= first_offsets[:, None, :] * s_first[:, :, None]
     # The one cross-thread reduction of the tile.
     if USE_DOT:
         if WBITS != 4 and KSPLIT == 1:  # one 2-D dot: already [BN, BP]
