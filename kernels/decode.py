@@ -869,7 +869,7 @@ def _store_attn(attn_ptr, osum_ptr, seq, kvh, out, H: tl.constexpr, KVH: tl.cons
     if OFFSET_SUMS:
         NB: tl.constexpr = HD // OSUM_COLS
         _store_offset_sums(osum_ptr, out.to(tl.float32), (seq * H + heads) * NB,
-                           (g < G)[:, None] & (tl.arange(0, NB) < NB)[None, :], HD)
+                           tl.broadcast_to((g < G)[:, None], (GP, NB)), HD)
 
 
 @triton.jit

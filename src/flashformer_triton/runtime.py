@@ -139,11 +139,13 @@ class DecodeRuntime:
         self.attn = torch.empty(B, c.q_size, **acts)
         self.act = torch.empty(B, c.intermediate_size, **acts)
         self.logits = torch.empty(B, c.vocab_size, **f32)
-        # With offset-sum int4 GEMVs (tile offset_sums), each GEMV input's sums per 16 columns
-        # times its codes' operand offsets, written by its producers (kernels/decode.py).
+        # With offset-sum int4 GEMVs (tile offset_sums), each GEMV input's sums per
+        # OFFSET_SUM_COLS columns times its codes' operand offsets, written by its producers
+        # (kernels/decode.py); without them a placeholder the kernel never reads.
         def offset_sums(width: int) -> torch.Tensor:
-            cols = width // OFFSET_SUM_COLS if plan.tiles.offset_sums else 1
-            return torch.empty(B if plan.tiles.offset_sums else 1, cols, **f32)
+            if not plan.tiles.offset_sums:
+                return torch.empty(1, 1, **f32)
+            return torch.empty(B, width // OFFSET_SUM_COLS, **f32)
 
         self.osum_xn_mlp = offset_sums(c.hidden_size)
         self.osum_xn_attn = offset_sums(c.hidden_size)
