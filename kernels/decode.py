@@ -2,9 +2,10 @@
 
 Each program takes task ids until the table is empty: with the static schedule (the plan's
 default) program p runs p, p + grid, p + 2 grid, ... and loads its next row while a task
-runs; otherwise it pops them from a global atomic queue. A task first issues the load of
-its first weight chunk, then spin-waits (acquire) on its producer counter, so weights of
-the next stage stream while the current one finishes; after its stores it signals its own
+runs; otherwise it pops them from a global atomic queue. A task first reads its producer
+counter (relaxed) and issues the load of its first weight chunk, then waits: an acquire
+fence if that read already met the target, else spin-waits (acquire). So weights of the
+next stage stream while the current one finishes; after its stores a task signals its own
 counter (barrier + release). The table (plan.py) is topologically ordered,
 so a single program can run it alone, which is how the Triton interpreter runs it; on a GPU
 either schedule makes progress as long as every program is resident (runtime.py sizes the
