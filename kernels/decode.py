@@ -78,22 +78,23 @@ def _sm_id(anchor):
 
 
 @triton.jit
-def _probe(counters_ptr, counter, PTX: tl.constexpr):
-    """A relaxed read of the task's counter by every thread, issued first thing in a task so
-    that its round trip overlaps those of the task's first loads: _wait decides on it after
-    them (an acquire there would hold those loads back). -1 without inline PTX."""
-    if PTX:
+def _probe(counters_ptr, counter, EARLY_PROBE: tl.constexpr):
+    """EARLY_PROBE (plan tile early_probe; GPU only, inline PTX): a relaxed read of the task's
+    counter by every thread, issued first thing in a task so that its round trip overlaps
+    those of the task's first loads; _wait decides on it after them (an acquire there would
+    hold those loads back). Otherwise a placeholder."""
+    if EARLY_PROBE:
         ptrs = counters_ptr + tl.maximum(counter, 0) + tl.zeros([PROBE_LANES], dtype=tl.int32)
         seen = tl.inline_asm_elementwise("ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l",
                                          [ptrs], dtype=tl.int32, is_pure=False, pack=1)
     else:
-        seen = tl.full([PROBE_LANES], -1, tl.int32)
+        seen = 0
     return seen
 
 
 @triton.jit
 def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, probe,
-          IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr):
+          IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr, EARLY_PROBE: tl.constexpr):
     """Spin (acquire) until counters[counter] >= target; False on timeout or on another
     task's failure. counter < 0 means no dependency. IGNORE_DEPS (benchmark diagnostic only:
     results are garbage) measures the streaming without any stage barrier.
@@ -103,14 +104,17 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, 
     fence is an acquire), so the poll's round trip hides behind the first chunk's."""
     need = tl.where((counter >= 0) & (not IGNORE_DEPS), target, 0)
     ptr = counters_ptr + tl.maximum(counter, 0)
-    early = tl.min(probe, axis=0)
-    if early >= need:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r", [early],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-        seen = early
+    if EARLY_PROBE:
+        early = tl.min(probe, axis=0)
+        if early >= need:
+            tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
+                                      [early], dtype=tl.int32, is_pure=False, pack=1)
+            seen = early
+        else:
+            seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()  # every thread's fence (or thread 0's acquire) before any reads
     else:
         seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()  # every thread's fence (or thread 0's acquire) before anyone reads
     spins = max_spin * 0
     failed = spins
     while (seen < need) & (spins < max_spin) & (failed == 0):
@@ -1003,7 +1007,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                    STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
                    PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
-                   PTX: tl.constexpr):
+                   PTX: tl.constexpr, EARLY_PROBE: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g; xn's offset sums to osum_ptr with offset-sum
     int4 weights, whose z_ptr is x's). The first weight chunk is requested before the
@@ -1022,7 +1026,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     w0, s0, z0 = _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
                              ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr, probe,
-             IGNORE_DEPS, PROFILE):
+             IGNORE_DEPS, PROFILE, EARLY_PROBE):
         if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
             h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, s0, z0,
@@ -1085,7 +1089,7 @@ def decode_step_kernel(
     KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O: tl.constexpr,
     PARTS_O_P: tl.constexpr, PARTS_DOWN: tl.constexpr, PARTS_DOWN_P: tl.constexpr,
     PTX: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
-    STATIC: tl.constexpr,
+    STATIC: tl.constexpr, EARLY_PROBE: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -1107,7 +1111,7 @@ def decode_step_kernel(
     fields = _task_row(tasks_ptr, task, n_tasks)
     while task < n_tasks:
         op, layer, a, b, c, wait_ctr, wait_target, signal_ctr, aux_ctr = fields
-        probe = _probe(counters_ptr, wait_ctr, PTX)
+        probe = _probe(counters_ptr, wait_ctr, EARLY_PROBE)
         if STATIC:
             task_next = task + tl.num_programs(0)
             fields = _task_row(tasks_ptr, task_next, n_tasks)
@@ -1136,7 +1140,7 @@ def decode_step_kernel(
                                                  GROUP, ZERO_POINTS, USE_DOT, KSPLIT_QKV,
                                                  PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
                 _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, z_qkv, norms_ptr,
                      bias_ptr, inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, qk_raw_ptr,
                      k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr, aux_ctr,
@@ -1146,7 +1150,7 @@ def decode_step_kernel(
         elif op == OP_ATTN:
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
                 _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
                               part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_attn_ptr, B, H,
                               KVH, HD, S_MAX, GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC,
@@ -1167,7 +1171,8 @@ def decode_step_kernel(
                            norms_ptr + layer * NORM_STRIDE + D, partial_ptr, counters_ptr,
                            ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
                            prof_ptr, probe, B, BP, D, BN_O, BK, 1, 1, USE_DOT, DOT_PREC, STAGES,
-                           PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
+                           PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX,
+                           EARLY_PROBE)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -1178,7 +1183,7 @@ def decode_step_kernel(
                                               rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP,
                                               ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, z_gu, rows_gu, f_rows < F,
@@ -1207,14 +1212,14 @@ def decode_step_kernel(
                            ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
                            prof_ptr, probe, B, BP, D, BN_DOWN, BK, DOWN_SPLITS, DOWN_SPLITS_P,
                            USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
-                           ZERO_POINTS, CDT, KSPLIT, PTX)
+                           ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm,
                                               rows_lm < V, D, 0, BK, LM_WBITS, GROUP, ZERO_POINTS,
                                               USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm, rows_lm < V,
@@ -1230,7 +1235,7 @@ def decode_step_kernel(
                 _signal(counters_ptr, signal_ctr)
         else:  # OP_EMBED
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
                 _embed(a, ids_ptr, embed_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
                        norms_ptr, B, BP, D, BN_DOWN, OFFSET_SUMS)
                 _signal(counters_ptr, signal_ctr)

@@ -135,12 +135,15 @@ def test_summary_is_one_screen(plan) -> None:
                                                lm_rows=16)),
         # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles; QKV chunks
         # of about 16 KB of weights, as in the model dtype (not 8K elements); 32-row O-proj
-        # tiles where that still gives a task per SM (8B, not 1B).
+        # tiles and the early counter probe where that still gives a task per SM (8B, not 1B).
         ("llama-3.1-8b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, qkv_block_k=512,
                                                gate_up_rows=32, lm_rows=32, o_rows=32,
-                                               down_rows=32)),
+                                               down_rows=32, early_probe=1)),
         ("llama-3.2-1b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
-                                               lm_rows=32, o_rows=16)),
+                                               lm_rows=32, o_rows=16, early_probe=0)),
+        ("llama-3.1-8b", 1, None, 4096, dict(early_probe=0)),
+        ("llama-3.1-8b", 1, "int8", 4096, dict(early_probe=0)),
+        ("llama-3.1-8b", 4, "int4", 4096, dict(early_probe=0)),
         ("llama-3.1-8b", 4, None, 4096, dict(down_splits=2, down_rows=32, kv_splits=8)),
         # Chunks as one 2-D dot at batch > 8 up to 3072 hidden (1B, 3B; not 8B, batch 8, int8),
         # and with it down halves of at least 32 rows.
@@ -209,3 +212,12 @@ def test_head_dim_not_power_of_two_is_unsupported() -> None:
     config = dataclasses.replace(PRESETS["tiny"], head_dim=24)
     with pytest.raises(UnsupportedModelError, match="head_dim=24 must be a power of two"):
         make_plan(config)
+
+
+@pytest.mark.parametrize(("gpu", "tile", "expected"),
+                         [(H100, 1, True), (H100, 0, False), (GpuSpec.current("cpu"), 1, False)])
+def test_early_probe_reaches_the_kernel_on_a_gpu_only(gpu: GpuSpec, tile: int,
+                                                      expected: bool) -> None:
+    # The probe and its fence are inline PTX: the interpreter keeps polling as before.
+    plan = make_plan(preset("llama-3.2-1b"), batch=1, max_seq_len=256, gpu=gpu, early_probe=tile)
+    assert plan.constexprs()["EARLY_PROBE"] is expected

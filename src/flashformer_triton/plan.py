@@ -111,6 +111,10 @@ class Tiles:
     # every GEMV input publish its sums per 16 columns times those offsets, which the GEMVs
     # take off per group (kernels/decode.py INT4_RAW_ASM).
     offset_sums: int = 0
+    # 1: each task reads its counter (relaxed) before requesting its first chunk, and an
+    # acquire fence replaces the first poll where that read already meets the target
+    # (kernels/decode.py _probe). GPU only (inline PTX); the interpreter polls as before.
+    early_probe: int = 0
 
 
 @dataclass(frozen=True)
@@ -268,6 +272,11 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # 8B int8 3.45 -> 3.34; a whole tile: slower, bench/NOTES.md rows 34-35; 3B at 512
     # rather than 1024: batch 4 2.788 -> 2.739 ms, batch 1 the same, row 55).
     l2_prefetch_k = max(512, min(1024, _floor_pow2(d // 4)))
+    # The early counter probe pays off where a task's start-up is mostly round trips in
+    # series: 8B int4 at batch 1 (H100, same run: 2.112 / 2.116 -> 2.052 / 2.048 ms). It costs
+    # ~1% on 8B bf16 and int8 and 1B bf16 (5.446 -> 5.509, 3.208 -> 3.241, 0.983 -> 0.995)
+    # and 3% on 1B int4 (0.521 -> 0.539): bench/NOTES.md Q33.
+    early_probe = int(wide_int4 and wide)
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
@@ -275,7 +284,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
                  tensor_cores=tensor_cores, fp16_activations=tensor_cores,
                  o_rows=o_rows, down_rows=down_rows, down_splits=down_splits,
                  gate_up_rows=gate_up_rows, lm_rows=lm_rows, block_k=block_k,
-                 pipeline_stages=stages, plain_dot=plain_dot)
+                 pipeline_stages=stages, plain_dot=plain_dot, early_probe=early_probe)
 
 
 @dataclass
@@ -404,6 +413,7 @@ class Plan:
             "QK_NORM": c.qk_norm,
             "PF_K": t.l2_prefetch_k if ptx else 0,  # (a hint: same results)
             "PTX": ptx,
+            "EARLY_PROBE": bool(t.early_probe) and ptx,
             "STAGES": t.pipeline_stages,
             "ATTN_STAGES": t.attention_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
