@@ -2,14 +2,15 @@
 
 Each program takes task ids until the table is empty: with the static schedule (the plan's
 default) program p runs p, p + grid, p + 2 grid, ... and loads its next row while a task
-runs; otherwise it pops them from a global atomic queue. A task first reads its producer
-counter (relaxed) and issues the load of its first weight chunk, then waits: an acquire
-fence if that read already met the target, else spin-waits (acquire). So weights of the
-next stage stream while the current one finishes; after its stores a task signals its own
-counter (barrier + release). The table (plan.py) is topologically ordered,
-so a single program can run it alone, which is how the Triton interpreter runs it; on a GPU
-either schedule makes progress as long as every program is resident (runtime.py sizes the
-grid so), since the earliest unfinished task always has its producers done.
+runs; otherwise it pops them from a global atomic queue. A task first issues the load of
+its first weight chunk, then spin-waits (acquire) on its producer counter, so weights of
+the next stage stream while the current one finishes (EARLY_PROBE: it reads the counter,
+relaxed, before that load, and an acquire fence replaces the first poll if the read met
+the target); after its stores it signals its own counter (barrier + release). The table
+(plan.py) is topologically ordered, so a single program can run it alone, which is how the
+Triton interpreter runs it; on a GPU either schedule makes progress as long as every
+program is resident (runtime.py sizes the grid so), since the earliest unfinished task
+always has its producers done.
 
 No reset launch: the last program to leave zeroes the queue and every counter, so the next
 launch (or CUDA-graph replay) starts clean. Spin-waits are bounded: on timeout the task
