@@ -78,6 +78,11 @@ def _sm_id(anchor):
 # ---------------------------------------------------------------- dependency protocol
 
 
+# _probe's reads: one per thread at the default 4 warps (replicated with more warps, shared
+# with fewer; tl.min over them is the same for every thread either way).
+PROBE_LANES = tl.constexpr(128)
+
+
 @triton.jit
 def _probe(counters_ptr, counter, EARLY_PROBE: tl.constexpr):
     """EARLY_PROBE (plan tile early_probe; GPU only, inline PTX): a relaxed read of the task's
@@ -131,11 +136,6 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, 
         if tl.atomic_max(ctrl_ptr + CTRL_ERR_TASK, code) < code:
             tl.store(ctrl_ptr + CTRL_ERR_SEEN, seen)
     return ok
-
-
-# _probe's reads: one per thread at the default 4 warps (replicated with more warps, shared
-# with fewer; tl.min over them is the same for every thread either way).
-PROBE_LANES = tl.constexpr(128)
 
 
 @triton.jit
@@ -1002,8 +1002,8 @@ def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_ptr
 def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_ptr, osum_ptr,
                    g_ptr, partial_ptr, counters_ptr, ctrl_ptr, wait_ctr, wait_target, signal_ctr,
                    arrive_ctr, task, max_spin, prof_ptr, probe, B: tl.constexpr,
-                   BP: tl.constexpr,
-                   D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLITS: tl.constexpr,
+                   BP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   SPLITS: tl.constexpr,
                    SPLITS_P: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                    STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
                    PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
