@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if results:
         best = min(results)
-        print(f"best: {best[1]} {best[0]:.3f} ms; defaults were "
-              f"{asdict(make_plan(config, batch=args.batch, max_seq_len=1024).tiles)}")
+        scheme = SCHEMES[best[1].split()[0]]  # the label starts with the weights' name
+        defaults = make_plan(config, batch=args.batch, max_seq_len=1024, quant=scheme).tiles
+        print(f"best: {best[1]} {best[0]:.3f} ms; defaults were {asdict(defaults)}")
     return 0
 
 
