@@ -50,15 +50,17 @@ def main(argv: list[str] | None = None) -> int:
         del weights
         torch.cuda.empty_cache()
     if results:
-        best = min(results)
-        scheme = SCHEMES[best[1].split()[0]]  # the label starts with the weights' name
-        defaults = make_plan(config, batch=args.batch, max_seq_len=1024, quant=scheme).tiles
-        print(f"best: {best[1]} {best[0]:.3f} ms; defaults were {asdict(defaults)}")
+        ms, label, scheme_name = min(results)
+        defaults = make_plan(config, batch=args.batch, max_seq_len=1024,
+                             quant=SCHEMES[scheme_name]).tiles
+        print(f"best: {label} {ms:.3f} ms; defaults were {asdict(defaults)}")
     return 0
 
 
-def sweep(args, config, weights, scheme_name: str, bandwidth: float) -> list[tuple[float, str]]:
-    """One row a config for these packed weights; (ms, label) of those that ran."""
+def sweep(args, config, weights, scheme_name: str,
+          bandwidth: float) -> list[tuple[float, str, str]]:
+    """One row a config for these packed weights; (ms, label, scheme_name) of those that
+    ran."""
     results = []
     for text in args.configs:
         try:
@@ -76,7 +78,7 @@ def sweep(args, config, weights, scheme_name: str, bandwidth: float) -> list[tup
         regs = getattr(runtime.compiled, "n_regs", "?")
         spills = getattr(runtime.compiled, "n_spills", "?")
         label = f"{scheme_name} {text or 'defaults'}"
-        results.append((ms, label))
+        results.append((ms, label, scheme_name))
         print(f"{args.shape} b{args.batch} p{args.pos} {label:<48} {ms:8.3f} ms "
               f"frac {floor / ms:5.3f} tasks {plan.num_tasks:6d} regs {regs} spills {spills}",
               flush=True)

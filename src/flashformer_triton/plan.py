@@ -273,7 +273,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # rather than 1024: batch 4 2.788 -> 2.739 ms, batch 1 the same, row 55).
     l2_prefetch_k = max(512, min(1024, _floor_pow2(d // 4)))
     # The early counter probe pays off where a task's start-up is mostly round trips in
-    # series: 8B int4 at batch 1 (H100, same run: 2.112 / 2.116 -> 2.052 / 2.048 ms). It costs
+    # series: 8B int4 at batch 1 (H100, same run: 2.117 / 2.101 -> 2.052 / 2.048 ms). It costs
     # ~1% on 8B bf16 and int8 and 1B bf16 (5.446 -> 5.509, 3.208 -> 3.241, 0.983 -> 0.995)
     # and 3% on 1B int4 (0.521 -> 0.539): bench/NOTES.md Q33.
     early_probe = int(wide_int4 and wide)
