@@ -6,7 +6,8 @@ runs; otherwise it pops them from a global atomic queue. A task first issues the
 its first weight chunk, then spin-waits (acquire) on its producer counter, so weights of
 the next stage stream while the current one finishes (EARLY_PROBE: it reads the counter,
 relaxed, before that load, and an acquire fence replaces the first poll if the read met
-the target); after its stores it signals its own counter (barrier + release). The table
+the target; EARLY_PROBE 2: the previous task's publishing fence made that read already);
+after its stores it signals its own counter (barrier + release). The table
 (plan.py) is topologically ordered, so a single program can run it alone, which is how the
 Triton interpreter runs it; on a GPU either schedule makes progress as long as every
 program is resident (runtime.py sizes the grid so), since the earliest unfinished task
@@ -107,14 +108,22 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, 
 
     probe (_probe, issued before the task's first loads): where every thread already saw the
     target, an acquire fence takes the place of the first poll (a relaxed read followed by a
-    fence is an acquire), so the poll's round trip hides behind the first chunk's."""
+    fence is an acquire), so the poll's round trip hides behind the first chunk's. With
+    EARLY_PROBE 2 the probe may come from the previous task's publish (_publish: thread 0's
+    read, encoded -1 - value, before that fence): then no fence is needed here."""
     need = tl.where((counter >= 0) & (not IGNORE_DEPS), target, 0)
     ptr = counters_ptr + tl.maximum(counter, 0)
     if EARLY_PROBE:
         early = tl.min(probe, axis=0)
+        if EARLY_PROBE == 2:
+            fenced = early < 0
+            early = tl.where(fenced, -1 - early, early)
+        else:
+            fenced = False
         if early >= need:
-            tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
-                                      [early], dtype=tl.int32, is_pure=False, pack=1)
+            if not fenced:
+                tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
+                                          [early], dtype=tl.int32, is_pure=False, pack=1)
             seen = early
         else:
             seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
@@ -151,11 +160,56 @@ def _task_row(tasks_ptr, task, n_tasks):
 
 
 @triton.jit
-def _signal(counters_ptr, counter):
-    """Publish this task's stores: every thread's writes, then one release increment."""
+def _signal(counters_ptr, counter, FUSED: tl.constexpr):
+    """Publish this task's stores: every thread's writes, then one release increment. FUSED
+    (EARLY_PROBE 2): the increment is left to the task loop (_publish) and the counter
+    returned; otherwise -1."""
     tl.debug_barrier()
+    if FUSED:
+        return counter
+    else:
+        if counter >= 0:
+            tl.atomic_add(counters_ptr + counter, 1, sem="release", scope="gpu")
+        return -1
+
+
+# Thread 0 reads the next task's counter, fences and increments this task's counter: the fence
+# releases this task's stores (fence then relaxed increment) and acquires what the read saw
+# (relaxed read then fence), so the next task needs no fence of its own. Other threads give
+# the largest int32, so a minimum over the threads is thread 0's read.
+INT32_MAX = tl.constexpr(0x7FFFFFFF)
+PUBLISH_ASM = tl.constexpr("""{
+        .reg .pred p;
+        .reg .b32 t;
+        mov.u32 t, %tid.x;
+        setp.eq.u32 p, t, 0;
+        mov.u32 $0, 0x7FFFFFFF;
+        @p ld.relaxed.gpu.global.b32 $0, [$1];
+        @p fence.acq_rel.gpu;
+        @p red.relaxed.gpu.global.add.s32 [$2], 1;
+        }""")
+
+
+@triton.jit
+def _publish(counters_ptr, counter, next_counter):
+    """EARLY_PROBE 2 (static schedule): publish the task's counter (_signal left it, after
+    its barrier) in one fence with the next task's probe. Returns that probe for _wait
+    (thread 0's read as -1 - value, the largest int32 in other threads, so that the minimum
+    over the threads is thread 0's) and whether there is one."""
     if counter >= 0:
-        tl.atomic_add(counters_ptr + counter, 1, sem="release", scope="gpu")
+        seen = tl.inline_asm_elementwise(PUBLISH_ASM, "=r,l,l",
+                                         [counters_ptr + tl.maximum(next_counter, 0),
+                                          counters_ptr + counter],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+        # The read comes before this task's own increment: count it where the next task
+        # waits on the same counter (this thread's own stores need no acquire).
+        seen += tl.where((next_counter == counter) & (seen != INT32_MAX), 1, 0)
+        seen = tl.where(seen == INT32_MAX, seen, -1 - seen)
+        fenced = 1
+    else:
+        seen = 0
+        fenced = 0
+    return seen, fenced
 
 
 @triton.jit
@@ -787,9 +841,10 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
          USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
          QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
          ZERO_POINTS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
-         PARTS_P: tl.constexpr, PTX: tl.constexpr):
+         PARTS_P: tl.constexpr, PTX: tl.constexpr, FUSED: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, bias, then (_finish_head) RoPE and the
-    store to q (query heads) or to the KV cache (key/value heads), and the signal.
+    store to q (query heads) or to the KV cache (key/value heads), and the signal (_signal's
+    result).
     xn/ss: the normed input and its sums of squares in PARTS tiles (_publish_rows).
 
     Qwen3's qk-norm spans a whole query or key head: each chunk leaves its raw rows in qk_raw
@@ -817,6 +872,7 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
         normed_head = head < H + KVH  # query or key head (value heads have no qk-norm)
     else:
         normed_head = head < 0
+    sig = -1
     if normed_head:
         tl.store(qk_raw_ptr + bidx[:, None] * QK_ROWS + rows[None, :], acc,
                  mask=(bidx < B)[:, None])
@@ -829,11 +885,12 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
             _finish_head(layer, head, whole, head_dims, pos_h, cos_h, sin_h, norms_ptr, q_ptr,
                          k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
                          NORM_STRIDE, True)
-            _signal(counters_ptr, signal_ctr)
+            sig = _signal(counters_ptr, signal_ctr, FUSED)
     else:
         _finish_head(layer, head, acc, dims, pos, cos, sin, norms_ptr, q_ptr, k_cache_ptr,
                      v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, False)
-        _signal(counters_ptr, signal_ctr)
+        sig = _signal(counters_ptr, signal_ctr, FUSED)
+    return sig
 
 
 @triton.jit
@@ -1008,7 +1065,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                    STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
                    PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
-                   PTX: tl.constexpr, EARLY_PROBE: tl.constexpr):
+                   PTX: tl.constexpr, EARLY_PROBE: tl.constexpr, FUSED: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g; xn's offset sums to osum_ptr with offset-sum
     int4 weights, whose z_ptr is x's). The first weight chunk is requested before the
@@ -1026,6 +1083,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     k_lo = part * KPART
     w0, s0, z0 = _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
                              ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
+    sig = -1
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr, probe,
              IGNORE_DEPS, PROFILE, EARLY_PROBE):
         if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
@@ -1038,7 +1096,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                 h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
             _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + acc, B, BP,
                           D, BN, OFFSET_SUMS)
-            _signal(counters_ptr, signal_ctr)
+            sig = _signal(counters_ptr, signal_ctr, FUSED)
         else:
             bidx = tl.arange(0, BP)
             offs = bidx[:, None] * D + rows[None, :]
@@ -1056,7 +1114,8 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                 total = tl.sum(parts, axis=0)
                 _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + total,
                               B, BP, D, BN, OFFSET_SUMS)
-                _signal(counters_ptr, signal_ctr)
+                sig = _signal(counters_ptr, signal_ctr, FUSED)
+    return sig
 
 
 # ---------------------------------------------------------------- the persistent kernel
@@ -1110,9 +1169,21 @@ def decode_step_kernel(
     else:
         task = tl.atomic_add(ctrl_ptr + CTRL_QUEUE, 1, sem="relaxed", scope="gpu")
     fields = _task_row(tasks_ptr, task, n_tasks)
+    # EARLY_PROBE 2 with the static schedule: a task that signals reads the next task's
+    # counter in the same fence (_publish), and the next task needs neither probe nor fence.
+    FUSED: tl.constexpr = EARLY_PROBE == 2 and STATIC
+    if FUSED:
+        fenced_seen = 0
+        fenced = 0
     while task < n_tasks:
         op, layer, a, b, c, wait_ctr, wait_target, signal_ctr, aux_ctr = fields
-        probe = _probe(counters_ptr, wait_ctr, EARLY_PROBE)
+        if FUSED:
+            if fenced != 0:
+                probe = tl.zeros([PROBE_LANES], dtype=tl.int32) + fenced_seen
+            else:
+                probe = _probe(counters_ptr, wait_ctr, EARLY_PROBE)
+        else:
+            probe = _probe(counters_ptr, wait_ctr, EARLY_PROBE)
         if STATIC:
             task_next = task + tl.num_programs(0)
             fields = _task_row(tasks_ptr, task_next, n_tasks)
@@ -1134,6 +1205,7 @@ def decode_step_kernel(
             tl.store(rec + 1, _sm_id(task).to(tl.int64))
             tl.store(rec + 2, _now(task))
 
+        sig = -1  # the counter this task publishes (FUSED: after the task, with _publish)
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
             w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, z_qkv, rows_qkv,
@@ -1142,12 +1214,12 @@ def decode_step_kernel(
                                                  PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
-                _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, z_qkv, norms_ptr,
-                     bias_ptr, inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr, q_ptr, qk_raw_ptr,
-                     k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr, aux_ctr,
-                     B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV, BK_QKV,
-                     USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP, ZERO_POINTS,
-                     KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX)
+                sig = _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, z_qkv,
+                           norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr,
+                           q_ptr, qk_raw_ptr, k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr,
+                           aux_ctr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV,
+                           BK_QKV, USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP,
+                           ZERO_POINTS, KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX, FUSED)
         elif op == OP_ATTN:
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -1157,23 +1229,23 @@ def decode_step_kernel(
                               KVH, HD, S_MAX, GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC,
                               OFFSET_SUMS)
                 if NSPLIT == 1:  # one task per (sequence, kv head) wrote attn itself
-                    _signal(counters_ptr, signal_ctr)
+                    sig = _signal(counters_ptr, signal_ctr, FUSED)
                 else:
                     # Publish the partial; the split that arrives last (acquiring the others')
                     # merges all of them and signals the layer's merge counter.
                     if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
                         _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
                                     osum_attn_ptr, H, KVH, HD, GP, NSPLIT, NSPLIT_P, OFFSET_SUMS)
-                        _signal(counters_ptr, signal_ctr)
+                        sig = _signal(counters_ptr, signal_ctr, FUSED)
         elif op == OP_OPROJ:
             # Publishes h for the post-attention norm of this layer.
-            _residual_task(a, 0, layer_w + OFF_O, layer_s + SOFF_O, z_o, Q,
-                           attn_ptr, h_ptr, xn_attn_ptr, ss_attn_ptr, osum_xn_attn_ptr,
-                           norms_ptr + layer * NORM_STRIDE + D, partial_ptr, counters_ptr,
-                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
-                           prof_ptr, probe, B, BP, D, BN_O, BK, 1, 1, USE_DOT, DOT_PREC, STAGES,
-                           PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX,
-                           EARLY_PROBE)
+            sig = _residual_task(a, 0, layer_w + OFF_O, layer_s + SOFF_O, z_o, Q,
+                                 attn_ptr, h_ptr, xn_attn_ptr, ss_attn_ptr, osum_xn_attn_ptr,
+                                 norms_ptr + layer * NORM_STRIDE + D, partial_ptr, counters_ptr,
+                                 ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task,
+                                 max_spin, prof_ptr, probe, B, BP, D, BN_O, BK, 1, 1, USE_DOT,
+                                 DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
+                                 ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE, FUSED)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -1203,17 +1275,18 @@ def decode_step_kernel(
                          mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
                 if OFFSET_SUMS:
                     _store_tile_offset_sums(osum_act_ptr, act, a, B, F)
-                _signal(counters_ptr, signal_ctr)
+                sig = _signal(counters_ptr, signal_ctr, FUSED)
         elif op == OP_DOWN:
             # Publishes h for the next layer's input norm (after the last: the final norm).
             # Split over F (DOWN_SPLITS parts): part b waits only for its gate/up tiles.
-            _residual_task(a, b, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, z_down,
-                           F, act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
-                           norms_ptr + (layer + 1) * NORM_STRIDE, partial_ptr, counters_ptr,
-                           ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task, max_spin,
-                           prof_ptr, probe, B, BP, D, BN_DOWN, BK, DOWN_SPLITS, DOWN_SPLITS_P,
-                           USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
-                           ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE)
+            sig = _residual_task(a, b, layer_w + OFF_DOWN, layer_s + SOFF_DOWN, z_down,
+                                 F, act_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
+                                 norms_ptr + (layer + 1) * NORM_STRIDE, partial_ptr, counters_ptr,
+                                 ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task,
+                                 max_spin, prof_ptr, probe, B, BP, D, BN_DOWN, BK, DOWN_SPLITS,
+                                 DOWN_SPLITS_P, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS,
+                                 PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE,
+                                 FUSED)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm,
@@ -1233,13 +1306,16 @@ def decode_step_kernel(
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
                          mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))
-                _signal(counters_ptr, signal_ctr)
+                sig = _signal(counters_ptr, signal_ctr, FUSED)
         else:  # OP_EMBED
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
                 _embed(a, ids_ptr, embed_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
                        norms_ptr, B, BP, D, BN_DOWN, OFFSET_SUMS)
-                _signal(counters_ptr, signal_ctr)
+                sig = _signal(counters_ptr, signal_ctr, FUSED)
+        if FUSED:
+            _op, _layer, _a, _b, _c, next_wait_ctr, _target, _signal_ctr, _aux = fields
+            fenced_seen, fenced = _publish(counters_ptr, sig, next_wait_ctr)
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))
         if STATIC:

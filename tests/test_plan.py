@@ -213,9 +213,16 @@ def test_head_dim_not_power_of_two_is_unsupported() -> None:
 
 
 @pytest.mark.parametrize(("gpu", "tile", "expected"),
-                         [(H100, 1, True), (H100, 0, False), (GpuSpec.current("cpu"), 1, False)])
+                         [(H100, 1, 1), (H100, 2, 2), (H100, 0, 0), (GpuSpec.current("cpu"), 1, 0),
+                          (GpuSpec.current("cpu"), 2, 0)])
 def test_early_probe_reaches_the_kernel_on_a_gpu_only(gpu: GpuSpec, tile: int,
-                                                      expected: bool) -> None:
+                                                      expected: int) -> None:
     # The probe and its fence are inline PTX: the interpreter keeps polling as before.
     plan = make_plan(preset("llama-3.2-1b"), batch=1, max_seq_len=256, gpu=gpu, early_probe=tile)
-    assert plan.constexprs()["EARLY_PROBE"] is expected
+    assert plan.constexprs()["EARLY_PROBE"] == expected
+
+
+@pytest.mark.parametrize("tile", [-1, 3])
+def test_early_probe_out_of_range_is_refused(tile: int) -> None:
+    with pytest.raises(ValueError, match=f"early_probe={tile} must be 0"):
+        make_plan(preset("llama-3.2-1b"), batch=1, max_seq_len=256, gpu=H100, early_probe=tile)

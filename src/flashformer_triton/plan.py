@@ -113,7 +113,9 @@ class Tiles:
     offset_sums: int = 0
     # 1: each task reads its counter (relaxed) before requesting its first chunk, and an
     # acquire fence replaces the first poll where that read already meets the target
-    # (kernels/decode.py _probe). GPU only (inline PTX); the interpreter polls as before.
+    # (kernels/decode.py _probe). 2 (with the static schedule): a task that signals reads the
+    # next task's counter in the fence that publishes its own, so that the next task needs
+    # no fence of its own (_publish). GPU only (inline PTX); the interpreter polls as before.
     early_probe: int = 0
 
 
@@ -413,7 +415,7 @@ class Plan:
             "QK_NORM": c.qk_norm,
             "PF_K": t.l2_prefetch_k if ptx else 0,  # (a hint: same results)
             "PTX": ptx,
-            "EARLY_PROBE": bool(t.early_probe) and ptx,
+            "EARLY_PROBE": t.early_probe if ptx else 0,
             "STAGES": t.pipeline_stages,
             "ATTN_STAGES": t.attention_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
@@ -659,6 +661,10 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
     if t.attention_stages < 1:
         raise ValueError(f"attention_stages={t.attention_stages} must be >= 1 (1: one block "
                          f"at a time)")
+    if t.early_probe not in (0, 1, 2):
+        raise ValueError(f"early_probe={t.early_probe} must be 0 (off), 1 (a probe at each "
+                         f"task's start) or 2 (1, and the publishing fence probes the next "
+                         f"task's counter)")
     f = config.intermediate_size
     if not 1 <= t.down_splits <= 8 or (t.down_splits > 1 and (
             f % (t.down_splits * t.block_k) or (f // t.down_splits) % t.gate_up_rows)):
