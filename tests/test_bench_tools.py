@@ -281,3 +281,34 @@ def test_ncu_stall_report_finds_loops_and_hot_instructions(tmp_path) -> None:
     bad.write_text('"Metric Name","Value"\n')
     with pytest.raises(ValueError, match="--page source --csv --print-source sass"):
         ncu_stalls.read_source(bad)
+
+
+def test_ab_kernels_loads_each_variant_where_the_runtime_launches_from(tmp_path,
+                                                                      monkeypatch) -> None:
+    import ab_kernels
+    import flashformer_triton.kernels as package
+
+    from flashformer_triton.runtime import kernel_module
+
+    # Whatever the test does to the module, the original comes back afterwards.
+    monkeypatch.setitem(sys.modules, ab_kernels.KERNEL_MODULE,
+                        sys.modules[ab_kernels.KERNEL_MODULE])
+    monkeypatch.setattr(package, "decode", package.decode)
+    variant = tmp_path / "decode_variant.py"
+    variant.write_text((ROOT / "kernels" / "decode.py").read_text() + "\nAB_VARIANT = 7\n")
+
+    name, path, tiles = ab_kernels.parse_variant(f"probe2={variant}:early_probe=2,block_k=256")
+    assert (name, path, tiles) == ("probe2", variant, {"early_probe": 2, "block_k": 256})
+    assert ab_kernels.parse_variant("base=kernels/decode.py")[2] == {}
+    module = ab_kernels.use_kernel_source(path)
+    assert module.AB_VARIANT == 7
+    assert kernel_module(torch.device("cpu")) is module
+    for bad in ["kernels/decode.py", "=x.py", "a=x.py:block_k"]:
+        with pytest.raises(ValueError, match="variant"):
+            ab_kernels.parse_variant(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ab_kernels.use_kernel_source(tmp_path / "missing.py")
+
+    lines = ab_kernels.summary({"base": [2.0, 2.2, 2.1], "new": [1.9, 2.0, 2.1]})
+    assert lines[0].endswith("median 2.100 ms  +0.0%")
+    assert lines[1].endswith("median 2.000 ms  -4.8%")
