@@ -9,7 +9,8 @@ Each variant is NAME=PATH[:TILES]: a copy of kernels/decode.py and plan.Tiles ov
 loaded from its file; the table gives every time, the median, and the median against the
 first variant. Why one process: on one H100 the same kernel took up to 3% more or less in
 separate processes (bench/NOTES.md Q34), about what the changes under test are worth, while
-rows of one process agree within about 0.5%. bench/sweep.py does the same for tiles alone.
+rows of one process agree within about 0.5%. bench/sweep.py does the same for tiles alone
+(and times each row the same way: sweep.timed_runtime).
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = [parse_variant(v) for v in args.variants]
 
     import torch
-    from bench_decode import copy_bandwidth, decode_runtime, time_ms
+    from bench_decode import copy_bandwidth
     from bench_quant import SCHEMES, packed
+    from sweep import timed_runtime
 
     from flashformer_triton.config import preset
     from flashformer_triton.loading import random_state_dict
@@ -90,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_ in range(args.rounds):
         for name, path, tiles in variants:
             use_kernel_source(path)
-            runtime = decode_runtime(config, weights, batch=args.batch, pos=args.pos, **tiles)
-            runtime.launch()
-            runtime.check()
-            ms = time_ms(runtime.launch, inner=10, repeats=9)
-            runtime.check()
+            ms, runtime = timed_runtime(config, weights, batch=args.batch, pos=args.pos, **tiles)
             times[name].append(ms)
             floor = runtime.plan.floor_ms([args.pos] * args.batch, bandwidth)
             spills = getattr(runtime.compiled, "n_spills", "?")

@@ -57,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def timed_runtime(config, weights, *, batch: int, pos: int, **tiles: int):
+    """A runtime for these tiles, launched and checked once, then timed: (ms, runtime)."""
+    runtime = decode_runtime(config, weights, batch=batch, pos=pos, **tiles)
+    runtime.launch()
+    runtime.check()
+    ms = time_ms(runtime.launch, inner=10, repeats=9)
+    runtime.check()
+    return ms, runtime
+
+
 def sweep(args, config, weights, scheme_name: str,
           bandwidth: float) -> list[tuple[float, str, str]]:
     """One row a config for these packed weights; (ms, label, scheme_name) of those that
@@ -64,13 +74,9 @@ def sweep(args, config, weights, scheme_name: str,
     results = []
     for text in args.configs:
         try:
-            runtime = decode_runtime(config, weights, batch=args.batch, pos=args.pos,
-                                     **parse(text))
+            ms, runtime = timed_runtime(config, weights, batch=args.batch, pos=args.pos,
+                                        **parse(text))
             plan = runtime.plan
-            runtime.launch()
-            runtime.check()
-            ms = time_ms(runtime.launch, inner=10, repeats=9)
-            runtime.check()
         except Exception as exc:  # a config that does not compile or hangs: report, go on
             log(f"{text or 'defaults'}: {type(exc).__name__}: {str(exc)[:200]}")
             continue

@@ -203,8 +203,8 @@ def _publish(counters_ptr, counter, next_counter):
                                          dtype=tl.int32, is_pure=False, pack=1)
         # The read comes before this task's own increment: count it where the next task
         # waits on the same counter (this thread's own stores need no acquire).
-        seen += tl.where((next_counter == counter) & (seen != INT32_MAX), 1, 0)
-        seen = tl.where(seen == INT32_MAX, seen, -1 - seen)
+        own = tl.where(next_counter == counter, 1, 0)
+        seen = tl.where(seen == INT32_MAX, seen, -1 - (seen + own))
         fenced = 1
     else:
         seen = 0
