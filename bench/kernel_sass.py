@@ -32,10 +32,11 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from flashformer_triton.config import preset  # noqa: E402
-from flashformer_triton.plan import GpuSpec, make_plan  # noqa: E402
+from flashformer_triton.plan import GpuSpec, make_plan, triton_ptx_version  # noqa: E402
 from flashformer_triton.quantize import QuantScheme  # noqa: E402
 
-H100 = GpuSpec(name="NVIDIA H100 80GB HBM3", num_sms=132)
+H100 = GpuSpec(name="NVIDIA H100 80GB HBM3", num_sms=132, arch=90,
+               ptx_version=triton_ptx_version())
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 

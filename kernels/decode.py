@@ -101,7 +101,8 @@ def _probe(counters_ptr, counter, EARLY_PROBE: tl.constexpr):
 
 @triton.jit
 def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, probe,
-          IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr, EARLY_PROBE: tl.constexpr):
+          IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr, EARLY_PROBE: tl.constexpr,
+          ACQUIRE_FENCE: tl.constexpr):
     """Spin (acquire) until counters[counter] >= target; False on timeout or on another
     task's failure. counter < 0 means no dependency. IGNORE_DEPS (benchmark diagnostic only:
     results are garbage) measures the streaming without any stage barrier.
@@ -110,7 +111,12 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, 
     target, an acquire fence takes the place of the first poll (a relaxed read followed by a
     fence is an acquire), so the poll's round trip hides behind the first chunk's. With
     EARLY_PROBE 2 the probe may come from the previous task's publish (_publish: thread 0's
-    read, encoded -1 - value, before that fence): then no fence is needed here."""
+    read, encoded -1 - value, before that fence): then no fence is needed here.
+
+    ACQUIRE_FENCE (PTX 8.6 on sm_90, plan constexpr): that fence is `fence.acquire.gpu`,
+    which ptxas makes a bare L1 invalidation (CCTL.IVALL), rather than `fence.acq_rel.gpu`,
+    which also waits at a MEMBAR.ALL.GPU for the task's loads in flight (its first chunk)
+    though an acquire has no earlier stores of its own to publish."""
     need = tl.where((counter >= 0) & (not IGNORE_DEPS), target, 0)
     ptr = counters_ptr + tl.maximum(counter, 0)
     if EARLY_PROBE:
@@ -122,8 +128,12 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, 
             fenced = False
         if early >= need:
             if not fenced:
-                tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
-                                          [early], dtype=tl.int32, is_pure=False, pack=1)
+                if ACQUIRE_FENCE:
+                    tl.inline_asm_elementwise("fence.acquire.gpu;\n\tmov.u32 $0, 0;", "=r,r",
+                                              [early], dtype=tl.int32, is_pure=False, pack=1)
+                else:
+                    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
+                                              [early], dtype=tl.int32, is_pure=False, pack=1)
             seen = early
         else:
             seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
@@ -1065,7 +1075,8 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                    STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
                    PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
-                   PTX: tl.constexpr, EARLY_PROBE: tl.constexpr, FUSED: tl.constexpr):
+                   PTX: tl.constexpr, EARLY_PROBE: tl.constexpr,
+                   ACQUIRE_FENCE: tl.constexpr, FUSED: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g; xn's offset sums to osum_ptr with offset-sum
     int4 weights, whose z_ptr is x's). The first weight chunk is requested before the
@@ -1085,7 +1096,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                              ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
     sig = -1
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr, probe,
-             IGNORE_DEPS, PROFILE, EARLY_PROBE):
+             IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
         if SPLITS == 1 and BP <= EARLY_LOADS_MAX_BP:  # before the stream
             h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, s0, z0,
@@ -1149,7 +1160,7 @@ def decode_step_kernel(
     KSPLIT: tl.constexpr, KSPLIT_QKV: tl.constexpr, PARTS_O: tl.constexpr,
     PARTS_O_P: tl.constexpr, PARTS_DOWN: tl.constexpr, PARTS_DOWN_P: tl.constexpr,
     PTX: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
-    STATIC: tl.constexpr, EARLY_PROBE: tl.constexpr,
+    STATIC: tl.constexpr, EARLY_PROBE: tl.constexpr, ACQUIRE_FENCE: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -1213,7 +1224,7 @@ def decode_step_kernel(
                                                  GROUP, ZERO_POINTS, USE_DOT, KSPLIT_QKV,
                                                  PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 sig = _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, z_qkv,
                            norms_ptr, bias_ptr, inv_freq_ptr, pos_ptr, xn_mlp_ptr, ss_mlp_ptr,
                            q_ptr, qk_raw_ptr, k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr,
@@ -1223,7 +1234,7 @@ def decode_step_kernel(
         elif op == OP_ATTN:
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
                               part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_attn_ptr, B, H,
                               KVH, HD, S_MAX, GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC,
@@ -1245,7 +1256,8 @@ def decode_step_kernel(
                                  ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task,
                                  max_spin, prof_ptr, probe, B, BP, D, BN_O, BK, 1, 1, USE_DOT,
                                  DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
-                                 ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE, FUSED)
+                                 ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE, ACQUIRE_FENCE,
+                                 FUSED)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -1256,7 +1268,7 @@ def decode_step_kernel(
                                               rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP,
                                               ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, z_gu, rows_gu, f_rows < F,
@@ -1286,14 +1298,14 @@ def decode_step_kernel(
                                  max_spin, prof_ptr, probe, B, BP, D, BN_DOWN, BK, DOWN_SPLITS,
                                  DOWN_SPLITS_P, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS,
                                  PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE,
-                                 FUSED)
+                                 ACQUIRE_FENCE, FUSED)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm,
                                               rows_lm < V, D, 0, BK, LM_WBITS, GROUP, ZERO_POINTS,
                                               USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm, rows_lm < V,
@@ -1309,7 +1321,7 @@ def decode_step_kernel(
                 sig = _signal(counters_ptr, signal_ctr, FUSED)
         else:  # OP_EMBED
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
-                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE):
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 _embed(a, ids_ptr, embed_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
                        norms_ptr, B, BP, D, BN_DOWN, OFFSET_SUMS)
                 sig = _signal(counters_ptr, signal_ctr, FUSED)

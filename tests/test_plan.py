@@ -16,10 +16,12 @@ from flashformer_triton.plan import (
     Op,
     default_tiles,
     make_plan,
+    triton_ptx_version,
 )
 from flashformer_triton.weights import pack_weights
 
-H100 = GpuSpec("NVIDIA H100 80GB HBM3", 132)
+# An H100 under triton 3.6, whose ptxas (CUDA 12.8) takes PTX 8.7.
+H100 = GpuSpec("NVIDIA H100 80GB HBM3", 132, arch=90, ptx_version=87)
 CASES = {
     "tiny-b1": ("tiny", 1, {}),
     "tiny-b3": ("tiny", 3, {}),
@@ -130,9 +132,11 @@ def test_summary_is_one_screen(plan) -> None:
                                              o_rows=16, kv_splits=32, pipeline_stages=5)),
         ("llama-3.1-8b", 1, None, 4096, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
                                              o_rows=16, kv_splits=32, early_probe=0)),
+        # The early counter probe on 8B's quantized tensor-core GEMVs at batch 1 (int8: with
+        # the bare acquire fence, test_acquire_fence_needs_ptx_8_6_on_sm_90).
         ("llama-3.1-8b", 1, "int8", 4096, dict(down_splits=2, down_rows=32, tensor_cores=1,
                                                qkv_rows=16, qkv_block_k=512, gate_up_rows=16,
-                                               lm_rows=16, early_probe=0)),
+                                               lm_rows=16, early_probe=1)),
         # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles; QKV chunks
         # of about 16 KB of weights, as in the model dtype (not 8K elements); 32-row O-proj
         # tiles and the early counter probe where that still gives a task per SM (8B, not 1B).
@@ -220,6 +224,30 @@ def test_early_probe_reaches_the_kernel_on_a_gpu_only(gpu: GpuSpec, tile: int,
     # The probe and its fence are inline PTX: the interpreter keeps polling as before.
     plan = make_plan(preset("llama-3.2-1b"), batch=1, max_seq_len=256, gpu=gpu, early_probe=tile)
     assert plan.constexprs()["EARLY_PROBE"] == expected
+
+
+@pytest.mark.parametrize(
+    ("gpu", "fence", "int8_probe"),
+    [(H100, True, 1),
+     (GpuSpec("NVIDIA H100 80GB HBM3", 132, arch=90, ptx_version=85), False, 0),  # CUDA 12.5
+     (GpuSpec("NVIDIA A100-SXM4-80GB", 108, arch=80, ptx_version=87), False, 0),
+     (GpuSpec("NVIDIA H100 80GB HBM3", 132), False, 0),  # compiler not known
+     (GpuSpec.current("cpu"), False, 0)])
+def test_acquire_fence_needs_ptx_8_6_on_sm_90(gpu: GpuSpec, fence: bool, int8_probe: int) -> None:
+    # fence.acquire is PTX 8.6 and sm_90; elsewhere the probe's fence stays fence.acq_rel,
+    # with which 8B int8 was faster without the probe.
+    from flashformer_triton.quantize import QuantScheme
+
+    plan = make_plan(preset("llama-3.1-8b"), batch=1, max_seq_len=1024, gpu=gpu,
+                     quant=QuantScheme(bits=8))
+    assert plan.constexprs()["ACQUIRE_FENCE"] is fence
+    assert plan.tiles.early_probe == int8_probe
+
+
+def test_triton_ptx_version_is_a_version_or_zero() -> None:
+    version = triton_ptx_version()
+    assert isinstance(version, int)
+    assert version == 0 or 60 <= version < 200
 
 
 @pytest.mark.parametrize("tile", [-1, 3])

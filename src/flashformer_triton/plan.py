@@ -21,6 +21,7 @@ group); every other stage waits for the whole previous stage of its layer.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -121,10 +122,12 @@ class Tiles:
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """What the plan needs to know about the chip."""
+    """What the plan needs to know about the chip (and the compiler that targets it)."""
 
     name: str
     num_sms: int
+    arch: int = 0  # compute capability, major * 10 + minor (90: Hopper); 0: not known
+    ptx_version: int = 0  # the PTX ISA that Triton's ptxas takes (87: CUDA 12.8); 0: not known
 
     @classmethod
     def current(cls, device: torch.device | str | None = None) -> GpuSpec:
@@ -134,7 +137,25 @@ class GpuSpec:
         if torch.device(device).type != "cuda":
             return cls(name="cpu (triton interpreter)", num_sms=1)
         props = torch.cuda.get_device_properties(device)
-        return cls(name=props.name, num_sms=props.multi_processor_count)
+        return cls(name=props.name, num_sms=props.multi_processor_count,
+                   arch=10 * props.major + props.minor, ptx_version=triton_ptx_version())
+
+    @property
+    def acquire_fence(self) -> bool:
+        """Whether the kernel's inline PTX may use `fence.acquire` (PTX 8.6, sm_90)."""
+        return self.arch >= 90 and self.ptx_version >= 86
+
+
+@functools.cache
+def triton_ptx_version() -> int:
+    """The PTX ISA version Triton emits for Hopper, from its ptxas (0 where that cannot be
+    told: no ptxas, or a Triton whose internals moved; the kernel then keeps to older PTX)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, ptx_get_version
+
+        return int(ptx_get_version(get_ptxas(90).version))
+    except Exception:  # any failure means "not known", never an error
+        return 0
 
 
 def _on_tensor_cores(batch: int, tensor_cores: int) -> bool:
@@ -275,10 +296,12 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # rather than 1024: batch 4 2.788 -> 2.739 ms, batch 1 the same, row 55).
     l2_prefetch_k = max(512, min(1024, _floor_pow2(d // 4)))
     # The early counter probe pays off where a task's start-up is mostly round trips in
-    # series: 8B int4 at batch 1 (H100, same run: 2.117 / 2.101 -> 2.052 / 2.048 ms). It costs
-    # ~1% on 8B bf16 and int8 and 1B bf16 (5.446 -> 5.509, 3.208 -> 3.241, 0.983 -> 0.995)
-    # and 3% on 1B int4 (0.521 -> 0.539): bench/NOTES.md Q33.
-    early_probe = int(wide_int4 and wide)
+    # series: 8B int4 at batch 1 (H100, same run: 2.117 / 2.101 -> 2.052 / 2.048 ms), and 8B
+    # int8 where its fence is a bare acquire (GpuSpec.acquire_fence; 3.191 -> 3.153; with
+    # the full fence 3.208 -> 3.241). It costs ~1% on 8B bf16 (5.371 -> 5.433) and 3% on 1B
+    # int4 (0.531 -> 0.546): bench/NOTES.md Q33, Q35.
+    early_probe = int(bool(tensor_cores) and batch == 1 and wide
+                      and (wide_int4 or gpu.acquire_fence))
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
@@ -416,6 +439,7 @@ class Plan:
             "PF_K": t.l2_prefetch_k if ptx else 0,  # (a hint: same results)
             "PTX": ptx,
             "EARLY_PROBE": t.early_probe if ptx else 0,
+            "ACQUIRE_FENCE": ptx and self.gpu.acquire_fence,
             "STAGES": t.pipeline_stages,
             "ATTN_STAGES": t.attention_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
