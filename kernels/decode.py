@@ -170,12 +170,12 @@ def _task_row(tasks_ptr, task, n_tasks):
 
 
 @triton.jit
-def _signal(counters_ptr, counter, FUSED: tl.constexpr):
-    """Publish this task's stores: every thread's writes, then one release increment. FUSED
-    (EARLY_PROBE 2): the increment is left to the task loop (_publish) and the counter
-    returned; otherwise -1."""
+def _signal(counters_ptr, counter, DEFER_SIGNAL: tl.constexpr):
+    """Publish this task's stores: every thread's writes, then one release increment.
+    DEFER_SIGNAL (EARLY_PROBE 2, NEXT_HINT): the increment is left to the task loop and the
+    counter returned; otherwise -1."""
     tl.debug_barrier()
-    if FUSED:
+    if DEFER_SIGNAL:
         return counter
     else:
         if counter >= 0:
@@ -752,6 +752,18 @@ def _prefetch_l2(w_ptr, rows, row_mask, K, k0, PF_K: tl.constexpr, WBITS: tl.con
 
 
 @triton.jit
+def _hint_first(w_ptr, s_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
+                GROUP: tl.constexpr, NEXT_HINT: tl.constexpr):
+    """NEXT_HINT (plan tile next_hint): hint a task's first chunk, columns [k0, k0 + BK) of its
+    rows, into L2 from the task before it on the same program, just before that one's
+    release, whose MEMBAR waits for the stores' round trip anyway; 2: and the int4 scales'
+    line of those rows."""
+    _prefetch_l2(w_ptr, rows, row_mask, K, k0, BK, WBITS)
+    if WBITS == 4 and NEXT_HINT == 2:
+        _prefetch_l2(s_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 64, 0)
+
+
+@triton.jit
 def _load_rows(v_ptr, rows, row_mask, B: tl.constexpr, BP: tl.constexpr, D: tl.constexpr):
     """v[:, rows] of a [B, D] fp32 buffer written by other programs this launch (.cg)."""
     bidx = tl.arange(0, BP)
@@ -851,7 +863,7 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
          USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
          QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
          ZERO_POINTS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
-         PARTS_P: tl.constexpr, PTX: tl.constexpr, FUSED: tl.constexpr):
+         PARTS_P: tl.constexpr, PTX: tl.constexpr, DEFER_SIGNAL: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, bias, then (_finish_head) RoPE and the
     store to q (query heads) or to the KV cache (key/value heads), and the signal (_signal's
     result).
@@ -895,11 +907,11 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
             _finish_head(layer, head, whole, head_dims, pos_h, cos_h, sin_h, norms_ptr, q_ptr,
                          k_cache_ptr, v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS,
                          NORM_STRIDE, True)
-            sig = _signal(counters_ptr, signal_ctr, FUSED)
+            sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
     else:
         _finish_head(layer, head, acc, dims, pos, cos, sin, norms_ptr, q_ptr, k_cache_ptr,
                      v_cache_ptr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, False)
-        sig = _signal(counters_ptr, signal_ctr, FUSED)
+        sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
     return sig
 
 
@@ -1076,7 +1088,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                    PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
                    ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
                    PTX: tl.constexpr, EARLY_PROBE: tl.constexpr,
-                   ACQUIRE_FENCE: tl.constexpr, FUSED: tl.constexpr):
+                   ACQUIRE_FENCE: tl.constexpr, DEFER_SIGNAL: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g; xn's offset sums to osum_ptr with offset-sum
     int4 weights, whose z_ptr is x's). The first weight chunk is requested before the
@@ -1107,7 +1119,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                 h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
             _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + acc, B, BP,
                           D, BN, OFFSET_SUMS)
-            sig = _signal(counters_ptr, signal_ctr, FUSED)
+            sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
         else:
             bidx = tl.arange(0, BP)
             offs = bidx[:, None] * D + rows[None, :]
@@ -1125,7 +1137,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                 total = tl.sum(parts, axis=0)
                 _publish_rows(h_ptr, xn_ptr, ss_ptr, osum_ptr, g, tile, rows, row_mask, h + total,
                               B, BP, D, BN, OFFSET_SUMS)
-                sig = _signal(counters_ptr, signal_ctr, FUSED)
+                sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
     return sig
 
 
@@ -1161,6 +1173,7 @@ def decode_step_kernel(
     PARTS_O_P: tl.constexpr, PARTS_DOWN: tl.constexpr, PARTS_DOWN_P: tl.constexpr,
     PTX: tl.constexpr, IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr,
     STATIC: tl.constexpr, EARLY_PROBE: tl.constexpr, ACQUIRE_FENCE: tl.constexpr,
+    NEXT_HINT: tl.constexpr,
 ):
     Q: tl.constexpr = H * HD
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
@@ -1183,6 +1196,9 @@ def decode_step_kernel(
     # EARLY_PROBE 2 with the static schedule: a task that signals reads the next task's
     # counter in the same fence (_publish), and the next task needs neither probe nor fence.
     FUSED: tl.constexpr = EARLY_PROBE == 2 and STATIC
+    # NEXT_HINT (static schedule): the task loop signals, after hinting the next task's first
+    # chunk into L2, so that chunk comes from L2 when the next task starts.
+    DEFER_SIGNAL: tl.constexpr = FUSED or (NEXT_HINT > 0 and STATIC)
     if FUSED:
         fenced_seen = 0
         fenced = 0
@@ -1216,7 +1232,7 @@ def decode_step_kernel(
             tl.store(rec + 1, _sm_id(task).to(tl.int64))
             tl.store(rec + 2, _now(task))
 
-        sig = -1  # the counter this task publishes (FUSED: after the task, with _publish)
+        sig = -1  # the counter this task publishes (DEFER_SIGNAL: the task loop does)
         if op == OP_QKV:
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
             w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, z_qkv, rows_qkv,
@@ -1230,7 +1246,7 @@ def decode_step_kernel(
                            q_ptr, qk_raw_ptr, k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr,
                            aux_ctr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV,
                            BK_QKV, USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP,
-                           ZERO_POINTS, KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX, FUSED)
+                           ZERO_POINTS, KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX, DEFER_SIGNAL)
         elif op == OP_ATTN:
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -1240,14 +1256,14 @@ def decode_step_kernel(
                               KVH, HD, S_MAX, GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC,
                               OFFSET_SUMS)
                 if NSPLIT == 1:  # one task per (sequence, kv head) wrote attn itself
-                    sig = _signal(counters_ptr, signal_ctr, FUSED)
+                    sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
                 else:
                     # Publish the partial; the split that arrives last (acquiring the others')
                     # merges all of them and signals the layer's merge counter.
                     if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
                         _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
                                     osum_attn_ptr, H, KVH, HD, GP, NSPLIT, NSPLIT_P, OFFSET_SUMS)
-                        sig = _signal(counters_ptr, signal_ctr, FUSED)
+                        sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
         elif op == OP_OPROJ:
             # Publishes h for the post-attention norm of this layer.
             sig = _residual_task(a, 0, layer_w + OFF_O, layer_s + SOFF_O, z_o, Q,
@@ -1257,7 +1273,7 @@ def decode_step_kernel(
                                  max_spin, prof_ptr, probe, B, BP, D, BN_O, BK, 1, 1, USE_DOT,
                                  DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
                                  ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE, ACQUIRE_FENCE,
-                                 FUSED)
+                                 DEFER_SIGNAL)
         elif op == OP_GATEUP:
             # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
             j = tl.arange(0, 2 * BN_UP)
@@ -1287,7 +1303,7 @@ def decode_step_kernel(
                          mask=(b_gu[:, None] < B) & (cols_gu[None, :] < F))
                 if OFFSET_SUMS:
                     _store_tile_offset_sums(osum_act_ptr, act, a, B, F)
-                sig = _signal(counters_ptr, signal_ctr, FUSED)
+                sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
         elif op == OP_DOWN:
             # Publishes h for the next layer's input norm (after the last: the final norm).
             # Split over F (DOWN_SPLITS parts): part b waits only for its gate/up tiles.
@@ -1298,7 +1314,7 @@ def decode_step_kernel(
                                  max_spin, prof_ptr, probe, B, BP, D, BN_DOWN, BK, DOWN_SPLITS,
                                  DOWN_SPLITS_P, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS,
                                  PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE,
-                                 ACQUIRE_FENCE, FUSED)
+                                 ACQUIRE_FENCE, DEFER_SIGNAL)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm,
@@ -1318,16 +1334,44 @@ def decode_step_kernel(
                 b_lm = tl.arange(0, BP)
                 tl.store(logits_ptr + b_lm[:, None] * V + rows_lm[None, :], acc_lm,
                          mask=(b_lm[:, None] < B) & (rows_lm[None, :] < V))
-                sig = _signal(counters_ptr, signal_ctr, FUSED)
+                sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
         else:  # OP_EMBED
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 _embed(a, ids_ptr, embed_ptr, h_ptr, xn_mlp_ptr, ss_mlp_ptr, osum_xn_mlp_ptr,
                        norms_ptr, B, BP, D, BN_DOWN, OFFSET_SUMS)
-                sig = _signal(counters_ptr, signal_ctr, FUSED)
+                sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
         if FUSED:
             _op, _layer, _a, _b, _c, next_wait_ctr, _target, _signal_ctr, _aux = fields
             fenced_seen, fenced = _publish(counters_ptr, sig, next_wait_ctr)
+        elif DEFER_SIGNAL:
+            if PTX and task_next < n_tasks:
+                n_op, n_layer, n_a, n_b, _c, _wait_ctr, _target, _signal_ctr, _aux = fields
+                n_w = arena_ptr + n_layer.to(tl.int64) * LAYER_STRIDE
+                n_s = scales_ptr + n_layer.to(tl.int64) * SCALE_STRIDE
+                if n_op == OP_QKV:
+                    n_rows = n_a * HD + n_b * BN_QKV + tl.arange(0, BN_QKV)
+                    _hint_first(n_w, n_s, n_rows, n_rows < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP,
+                                NEXT_HINT)
+                elif n_op == OP_GATEUP:
+                    j = tl.arange(0, 2 * BN_UP)
+                    n_f = n_a * BN_UP + j // 2
+                    _hint_first(n_w + OFF_GU, n_s + SOFF_GU, n_f + (j % 2) * F, n_f < F, D, 0,
+                                BK, WBITS, GROUP, NEXT_HINT)
+                elif n_op == OP_OPROJ:
+                    n_rows = n_a * BN_O + tl.arange(0, BN_O)
+                    _hint_first(n_w + OFF_O, n_s + SOFF_O, n_rows, n_rows < D, Q, 0, BK, WBITS,
+                                GROUP, NEXT_HINT)
+                elif n_op == OP_DOWN:
+                    n_rows = n_a * BN_DOWN + tl.arange(0, BN_DOWN)
+                    _hint_first(n_w + OFF_DOWN, n_s + SOFF_DOWN, n_rows, n_rows < D, F,
+                                n_b * (F // DOWN_SPLITS), BK, WBITS, GROUP, NEXT_HINT)
+                elif n_op == OP_LMHEAD:
+                    n_rows = n_a * BN_LM + tl.arange(0, BN_LM)
+                    _hint_first(lm_head_ptr, lm_scales_ptr, n_rows, n_rows < V, D, 0, BK,
+                                LM_WBITS, GROUP, NEXT_HINT)
+            if sig >= 0:
+                tl.atomic_add(counters_ptr + sig, 1, sem="release", scope="gpu")
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))
         if STATIC:

@@ -24,8 +24,11 @@ MAX_SEQ = 1024
 SCHEMES = {"int8": QuantScheme(8), "int4-g128": QuantScheme(4, 128),
            "int4-g64-asym": QuantScheme(4, 64, symmetric=False)}
 # The plans each scheme is checked with: symmetric int4 in both forms of its GEMV, and with
-# the publishing fence probing the next task's counter (early_probe 2).
-PLANS = {"int4-g128": [dict(offset_sums=0), dict(offset_sums=1), dict(early_probe=2)]}
+# the publishing fence probing the next task's counter (early_probe 2), and with each task
+# hinting its next task's first chunk before signalling (next_hint).
+PLANS = {"int4-g128": [dict(offset_sums=0), dict(offset_sums=1), dict(early_probe=2),
+                      dict(next_hint=2)],
+         "int8": [{}, dict(next_hint=1)]}
 
 
 @pytest.fixture(scope="module", params=[(s, q) for s in ORACLE for q in SCHEMES],

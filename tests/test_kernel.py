@@ -208,6 +208,19 @@ def test_static_schedule_and_queue_match(batch: str, static: int) -> None:
     _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("next_hint", [1, 2])
+def test_signals_from_the_task_loop_match(next_hint: int) -> None:
+    """next_hint: the task loop, not the task, makes each release increment (after hinting
+    the next task's first chunk, a GPU-only step); the queue schedule ignores the tile."""
+    lengths = BATCHES["b3-ragged"]
+    pair = _pair("llama", batch=len(lengths), dtype=torch.float32, next_hint=next_hint)
+    assert pair.plan.constexprs()["NEXT_HINT"] == next_hint
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
+    queued = make_plan(pair.plan.config, batch=1, max_seq_len=64, gpu=pair.plan.gpu,
+                       static_schedule=0, next_hint=next_hint)
+    assert queued.constexprs()["NEXT_HINT"] == 0
+
+
 def test_grid_is_cut_to_the_resident_programs() -> None:
     """32 programs per SM cannot all be resident (4 warps each: 16 fit by threads alone); a
     static schedule over the plan's grid would wait on programs that never start, so the

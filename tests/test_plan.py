@@ -131,21 +131,23 @@ def test_summary_is_one_screen(plan) -> None:
         ("llama-3.2-1b", 1, None, 4096, dict(down_splits=2, down_rows=16, l2_prefetch_k=512,
                                              o_rows=16, kv_splits=32, pipeline_stages=5)),
         ("llama-3.1-8b", 1, None, 4096, dict(down_splits=1, down_rows=16, l2_prefetch_k=1024,
-                                             o_rows=16, kv_splits=32, early_probe=0)),
+                                             o_rows=16, kv_splits=32, early_probe=0,
+                                             next_hint=0)),
         # The early counter probe on 8B's quantized tensor-core GEMVs at batch 1 (int8: with
-        # the bare acquire fence, test_acquire_fence_needs_ptx_8_6_on_sm_90).
+        # the bare acquire fence, test_acquire_fence_needs_ptx_8_6_on_sm_90); int8 there
+        # also hints each program's next first chunk before signalling.
         ("llama-3.1-8b", 1, "int8", 4096, dict(down_splits=2, down_rows=32, tensor_cores=1,
                                                qkv_rows=16, qkv_block_k=512, gate_up_rows=16,
-                                               lm_rows=16, early_probe=1)),
+                                               lm_rows=16, early_probe=1, next_hint=1)),
         # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles; QKV chunks
         # of about 16 KB of weights, as in the model dtype (not 8K elements); 32-row O-proj
         # tiles and the early counter probe where that still gives a task per SM (8B, not 1B).
         ("llama-3.1-8b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, qkv_block_k=512,
                                                gate_up_rows=32, lm_rows=32, o_rows=32,
-                                               down_rows=32, early_probe=1)),
+                                               down_rows=32, early_probe=1, next_hint=0)),
         ("llama-3.2-1b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
                                                lm_rows=32, o_rows=16, early_probe=0)),
-        ("llama-3.1-8b", 4, "int4", 4096, dict(early_probe=0)),
+        ("llama-3.1-8b", 4, "int4", 4096, dict(early_probe=0, next_hint=0)),
         ("llama-3.1-8b", 4, None, 4096, dict(down_splits=2, down_rows=32, kv_splits=8)),
         # Chunks as one 2-D dot at batch > 8 up to 3072 hidden (1B, 3B; not 8B, batch 8, int8),
         # and with it down halves of at least 32 rows.
@@ -250,7 +252,8 @@ def test_triton_ptx_version_is_a_version_or_zero() -> None:
     assert version == 0 or 60 <= version < 200
 
 
+@pytest.mark.parametrize("name", ["early_probe", "next_hint"])
 @pytest.mark.parametrize("tile", [-1, 3])
-def test_early_probe_out_of_range_is_refused(tile: int) -> None:
-    with pytest.raises(ValueError, match=f"early_probe={tile} must be 0"):
-        make_plan(preset("llama-3.2-1b"), batch=1, max_seq_len=256, gpu=H100, early_probe=tile)
+def test_probe_and_hint_tiles_out_of_range_are_refused(name: str, tile: int) -> None:
+    with pytest.raises(ValueError, match=f"{name}={tile} must be 0"):
+        make_plan(preset("llama-3.2-1b"), batch=1, max_seq_len=256, gpu=H100, **{name: tile})

@@ -118,6 +118,10 @@ class Tiles:
     # next task's counter in the fence that publishes its own, so that the next task needs
     # no fence of its own (_publish). GPU only (inline PTX); the interpreter polls as before.
     early_probe: int = 0
+    # 1 (with the static schedule): before a task's release, the task loop hints its
+    # program's next task's first chunk into L2 (kernels/decode.py _hint_first); 2: and the
+    # int4 scales' line of its rows. The hints are GPU only; the interpreter runs the rest.
+    next_hint: int = 0
 
 
 @dataclass(frozen=True)
@@ -302,6 +306,11 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # int4 (0.531 -> 0.546): bench/NOTES.md Q33, Q35.
     early_probe = int(bool(tensor_cores) and batch == 1 and wide
                       and (wide_int4 or gpu.acquire_fence))
+    # Each task hints its program's next task's first chunk into L2 before its release: 8B
+    # int8 at batch 1 3.205 / 3.198 -> 3.142 / 3.150 ms (H100, same run); 8B int4 the same
+    # within the noise, with 2 more bytes of spills (2.048 median of three -> 2.045-2.065):
+    # bench/NOTES.md Q35.
+    next_hint = int(bool(tensor_cores) and batch == 1 and wide and not wide_int4)
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
@@ -309,7 +318,8 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
                  tensor_cores=tensor_cores, fp16_activations=tensor_cores,
                  o_rows=o_rows, down_rows=down_rows, down_splits=down_splits,
                  gate_up_rows=gate_up_rows, lm_rows=lm_rows, block_k=block_k,
-                 pipeline_stages=stages, plain_dot=plain_dot, early_probe=early_probe)
+                 pipeline_stages=stages, plain_dot=plain_dot, early_probe=early_probe,
+                 next_hint=next_hint)
 
 
 @dataclass
@@ -440,6 +450,7 @@ class Plan:
             "PTX": ptx,
             "EARLY_PROBE": t.early_probe if ptx else 0,
             "ACQUIRE_FENCE": ptx and self.gpu.acquire_fence,
+            "NEXT_HINT": t.next_hint if t.static_schedule else 0,
             "STAGES": t.pipeline_stages,
             "ATTN_STAGES": t.attention_stages,
             "IGNORE_DEPS": bool(t.ignore_deps),
@@ -689,6 +700,9 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         raise ValueError(f"early_probe={t.early_probe} must be 0 (off), 1 (a probe at each "
                          f"task's start) or 2 (1, and the publishing fence probes the next "
                          f"task's counter)")
+    if t.next_hint not in (0, 1, 2):
+        raise ValueError(f"next_hint={t.next_hint} must be 0 (off), 1 (the next task's first "
+                         f"chunk into L2) or 2 (1, and its int4 scales)")
     f = config.intermediate_size
     if not 1 <= t.down_splits <= 8 or (t.down_splits > 1 and (
             f % (t.down_splits * t.block_k) or (f // t.down_splits) % t.gate_up_rows)):
