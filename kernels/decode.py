@@ -7,7 +7,8 @@ its first weight chunk, then spin-waits (acquire) on its producer counter, so we
 the next stage stream while the current one finishes (EARLY_PROBE: it reads the counter,
 relaxed, before that load, and an acquire fence replaces the first poll if the read met
 the target; EARLY_PROBE 2: the previous task's publishing fence made that read already);
-after its stores it signals its own counter (barrier + release). The table
+after its stores it signals its own counter (barrier + release; NEXT_HINT: the task loop
+does, after hinting the program's next first chunk into L2). The table
 (plan.py) is topologically ordered, so a single program can run it alone, which is how the
 Triton interpreter runs it; on a GPU either schedule makes progress as long as every
 program is resident (runtime.py sizes the grid so), since the earliest unfinished task
