@@ -69,6 +69,17 @@ def test_table_is_topological_and_targets_count_producers(plan) -> None:
             assert plan.config.qk_norm and target == plan.config.head_dim // plan.tiles.qkv_rows
 
 
+def test_every_signalled_counter_has_a_waiter(plan) -> None:
+    """A release costs a task a round trip: no task signals a counter that nothing waits on
+    (the LM head, whose logits the host reads after the launch, signals none)."""
+    waited = {t.wait_counter for t in plan.tasks}
+    arrivals = {t.aux_counter for t in plan.tasks} - {NO_COUNTER}
+    signalled = {t.signal_counter for t in plan.tasks} - {NO_COUNTER}
+    assert signalled <= waited, [plan.counter_names[c] for c in signalled - waited]
+    assert set(range(plan.num_counters)) == signalled | arrivals
+    assert all(t.signal_counter == NO_COUNTER for t in plan.tasks if t.op == Op.LMHEAD)
+
+
 def test_tasks_per_op_match_the_shapes(plan) -> None:
     c, t, B = plan.config, plan.tiles, plan.batch
     per_op = Counter(task.op for task in plan.tasks)
