@@ -171,6 +171,13 @@ def _task_row(tasks_ptr, task, n_tasks):
 
 
 @triton.jit
+def _release(counters_ptr, counter):
+    """One release increment of `counter` (none where it is -1: no task waits on it)."""
+    if counter >= 0:
+        tl.atomic_add(counters_ptr + counter, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def _signal(counters_ptr, counter, DEFER_SIGNAL: tl.constexpr):
     """Publish this task's stores: every thread's writes, then one release increment.
     DEFER_SIGNAL (EARLY_PROBE 2, NEXT_HINT): the increment is left to the task loop and the
@@ -179,9 +186,17 @@ def _signal(counters_ptr, counter, DEFER_SIGNAL: tl.constexpr):
     if DEFER_SIGNAL:
         return counter
     else:
-        if counter >= 0:
-            tl.atomic_add(counters_ptr + counter, 1, sem="release", scope="gpu")
+        _release(counters_ptr, counter)
         return -1
+
+
+@triton.jit
+def _gate_up_rows(tile, BN_UP: tl.constexpr, F: tl.constexpr):
+    """The rows of gate/up tile `tile` in the stacked [gate; up] matrix, gate row f and up row
+    f interleaved (so one tile yields both halves of SwiGLU), and their f indices."""
+    j = tl.arange(0, 2 * BN_UP)
+    f_rows = tile * BN_UP + j // 2
+    return f_rows + (j % 2) * F, f_rows
 
 
 # Thread 0 reads the next task's counter, fences and increments this task's counter: the fence
@@ -1276,10 +1291,7 @@ def decode_step_kernel(
                                  ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE, ACQUIRE_FENCE,
                                  DEFER_SIGNAL)
         elif op == OP_GATEUP:
-            # Gate row r and up row r interleaved, so one tile yields both halves of SwiGLU.
-            j = tl.arange(0, 2 * BN_UP)
-            f_rows = a * BN_UP + j // 2
-            rows_gu = f_rows + (j % 2) * F
+            rows_gu, f_rows = _gate_up_rows(a, BN_UP, F)
             w_gu = layer_w + OFF_GU
             w0_gu, s0_gu, z0_gu = _load_first(w_gu, layer_s + SOFF_GU, z_gu,
                                               rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP,
@@ -1355,10 +1367,9 @@ def decode_step_kernel(
                     _hint_first(n_w, n_s, n_rows, n_rows < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP,
                                 NEXT_HINT)
                 elif n_op == OP_GATEUP:
-                    j = tl.arange(0, 2 * BN_UP)
-                    n_f = n_a * BN_UP + j // 2
-                    _hint_first(n_w + OFF_GU, n_s + SOFF_GU, n_f + (j % 2) * F, n_f < F, D, 0,
-                                BK, WBITS, GROUP, NEXT_HINT)
+                    n_rows, n_f = _gate_up_rows(n_a, BN_UP, F)
+                    _hint_first(n_w + OFF_GU, n_s + SOFF_GU, n_rows, n_f < F, D, 0, BK, WBITS,
+                                GROUP, NEXT_HINT)
                 elif n_op == OP_OPROJ:
                     n_rows = n_a * BN_O + tl.arange(0, BN_O)
                     _hint_first(n_w + OFF_O, n_s + SOFF_O, n_rows, n_rows < D, Q, 0, BK, WBITS,
@@ -1371,8 +1382,7 @@ def decode_step_kernel(
                     n_rows = n_a * BN_LM + tl.arange(0, BN_LM)
                     _hint_first(lm_head_ptr, lm_scales_ptr, n_rows, n_rows < V, D, 0, BK,
                                 LM_WBITS, GROUP, NEXT_HINT)
-            if sig >= 0:
-                tl.atomic_add(counters_ptr + sig, 1, sem="release", scope="gpu")
+            _release(counters_ptr, sig)
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))
         if STATIC:
