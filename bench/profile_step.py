@@ -1,7 +1,10 @@
 """Profile one decode step on the GPU: per-op wait/work times and a Gantt chart.
 
     python bench/profile_step.py --shape llama-3.2-1b --out bench/out
-    python bench/profile_step.py --shape llama-3.1-8b --weights int8
+    python bench/profile_step.py --shape llama-3.1-8b --weights int4-g128 --bandwidth 16
+
+Prints the per-op totals, each stage's window in a layer (averaged over the middle layers),
+and with --bandwidth LAYER the weight bytes streamed per microsecond through that layer.
 
 Random bf16 weights (quantized with --weights); one warm-up step, then a profiled step.
 Writes timeline-<shape>-<weights>.json (the raw records) and, with matplotlib, the .png.
@@ -19,7 +22,15 @@ from bench_quant import SCHEMES
 from sweep import parse
 
 from flashformer_triton.config import preset
-from flashformer_triton.profile import gantt_png, profile_step, summarize, times_us
+from flashformer_triton.profile import (
+    StageWindow,
+    bandwidth_profile,
+    gantt_png,
+    profile_step,
+    stage_windows,
+    summarize,
+    times_us,
+)
 
 
 def between_tasks_us(timeline: torch.Tensor) -> float:
@@ -41,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", default="bf16", choices=list(SCHEMES))
     parser.add_argument("--tiles", default="", help="plan tiles, e.g. static_schedule=1")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument("--bandwidth", type=int, default=None, metavar="LAYER",
+                        help="print that layer's streamed TB/s and working/waiting tasks per us")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
@@ -53,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.format())
     print(f"between tasks (a program's end to its next start): "
           f"{between_tasks_us(timeline):.2f} us")
+    print("each stage of a layer, us from the layer's first QKV start (middle layers):")
+    print(StageWindow.HEADER)
+    for window in stage_windows(plan, timeline):
+        print(window.format())
+    if args.bandwidth is not None:
+        print(f"layer {args.bandwidth}: us, weight TB/s, tasks working, tasks waiting")
+        for t, tbs, working, waiting in bandwidth_profile(plan, timeline, args.bandwidth):
+            print(f"{t:6.1f} {tbs:5.2f} {working:4d} {waiting:4d}")
     args.out.mkdir(parents=True, exist_ok=True)
     records = timeline.cpu().tolist()
     stem = f"timeline-{args.shape}-{args.weights}"

@@ -98,6 +98,92 @@ def summarize(plan: Plan, records: torch.Tensor) -> Summary:
     )
 
 
+# The ops of a transformer layer, in the order they run.
+LAYER_OPS = (Op.QKV, Op.ATTN, Op.OPROJ, Op.GATEUP, Op.DOWN)
+
+
+@dataclass(frozen=True)
+class StageWindow:
+    """When one op's tasks of a layer ran, in us from the layer's first QKV task start
+    (averaged over layers), and the weight bytes they streamed over their window."""
+
+    op: str
+    tasks: int  # per layer
+    first_start_us: float
+    first_ready_us: float
+    last_ready_us: float
+    last_end_us: float
+    mean_work_us: float
+    weight_tbs: float  # the stage's weight bytes / (last end - first ready), TB/s
+
+    HEADER = (f"{'op':<8}{'tasks':>6}{'1st start':>11}{'1st ready':>11}{'last ready':>12}"
+              f"{'last end':>10}{'mean work':>11}{'TB/s':>7}")
+
+    def format(self) -> str:
+        return (f"{self.op:<8}{self.tasks:>6}{self.first_start_us:>11.2f}"
+                f"{self.first_ready_us:>11.2f}{self.last_ready_us:>12.2f}"
+                f"{self.last_end_us:>10.2f}{self.mean_work_us:>11.2f}{self.weight_tbs:>7.2f}")
+
+
+def _task_arrays(plan: Plan, records: torch.Tensor):
+    start, ready, end = times_us(records).unbind(1)
+    ops = torch.tensor([int(t.op) for t in plan.tasks])
+    layers = torch.tensor([t.layer for t in plan.tasks])
+    counts = torch.bincount(ops, minlength=len(Op))
+    per_op = torch.tensor([plan.weight_bytes_by_op.get(op, 0) for op in Op], dtype=torch.float64)
+    task_bytes = (per_op / counts.clamp(min=1).double())[ops]  # even split inside an op
+    return start, ready, end, ops, layers, task_bytes
+
+
+def stage_windows(plan: Plan, records: torch.Tensor,
+                  layers: list[int] | None = None) -> list[StageWindow]:
+    """Each op's window in a layer (see StageWindow), averaged over `layers` (default: the
+    middle half of the model, away from the embedding and the LM head)."""
+    summarize(plan, records)  # the same checks on the records
+    n = plan.config.num_layers
+    layers = list(layers if layers is not None else range(n // 4, max(n // 4 + 1, 3 * n // 4)))
+    start, ready, end, ops, task_layer, task_bytes = _task_arrays(plan, records)
+    windows = []
+    for op in LAYER_OPS:
+        rows = []
+        for layer in layers:
+            base = float(start[(ops == int(Op.QKV)) & (task_layer == layer)].min())
+            sel = (ops == int(op)) & (task_layer == layer)
+            first_ready, last_end = float(ready[sel].min()), float(end[sel].max())
+            rows.append([int(sel.sum()), float(start[sel].min()) - base, first_ready - base,
+                         float(ready[sel].max()) - base, last_end - base,
+                         float((end[sel] - ready[sel]).mean()),
+                         float(task_bytes[sel].sum()) / max(last_end - first_ready, 1e-9) / 1e6])
+        mean = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
+        windows.append(StageWindow(op.name, round(mean[0]), *mean[1:]))
+    return windows
+
+
+def bandwidth_profile(plan: Plan, records: torch.Tensor, layer: int, *,
+                      bin_us: float = 1.0) -> list[tuple[float, float, int, int]]:
+    """From layer `layer`'s first QKV start to its last DOWN end, per `bin_us`: (time since
+    that start, TB/s of weight bytes streamed, tasks working, tasks waiting on a counter),
+    each task's bytes spread evenly over its work (ready -> end), any layer's tasks counted."""
+    summarize(plan, records)
+    if not 0 <= layer < plan.config.num_layers:
+        raise ValueError(f"layer={layer} must lie in [0, {plan.config.num_layers})")
+    start, ready, end, ops, task_layer, task_bytes = _task_arrays(plan, records)
+    base = float(start[(ops == int(Op.QKV)) & (task_layer == layer)].min())
+    stop = float(end[(ops == int(Op.DOWN)) & (task_layer == layer)].max())
+    rate = task_bytes / (end - ready).clamp(min=1e-3)  # bytes per us
+    profile = []
+    t = base
+    while t < stop:
+        t1 = t + bin_us
+        overlap = (torch.minimum(end, torch.tensor(t1)) - torch.maximum(ready, torch.tensor(t)))
+        streamed = float((rate * overlap.clamp(min=0)).sum())
+        working = int(((ready < t1) & (end > t)).sum())
+        waiting = int(((start < t1) & (ready > t)).sum())
+        profile.append((t - base, streamed / bin_us / 1e6, working, waiting))
+        t = t1
+    return profile
+
+
 def gantt_png(plan: Plan, records: torch.Tensor, path: str, *, programs: int = 64) -> None:
     """One row per program (the first `programs`), a bar per task coloured by op, its wait
     drawn pale. Needs matplotlib."""
