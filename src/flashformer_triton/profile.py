@@ -10,6 +10,7 @@ the busy fraction; `gantt_png` draws one row per program.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -57,8 +58,21 @@ def times_us(records: torch.Tensor) -> torch.Tensor:
     return (stamps - stamps[:, 0].min()).double() / 1e3
 
 
-def summarize(plan: Plan, records: torch.Tensor) -> Summary:
-    """records: [num_tasks, 5] int64 from `DecodeRuntime.timeline` after a profiled step."""
+class _Tasks(NamedTuple):
+    """A checked timeline as per-task columns (times in us since the first start)."""
+
+    program: torch.Tensor
+    start: torch.Tensor
+    ready: torch.Tensor
+    end: torch.Tensor
+    op: torch.Tensor
+    layer: torch.Tensor
+    weight_bytes: torch.Tensor  # the op's streamed weight bytes split evenly over its tasks
+
+
+def _tasks(plan: Plan, records: torch.Tensor) -> _Tasks:
+    """Check the records of a profiled step ([num_tasks, 5] int64 from
+    `DecodeRuntime.timeline`) against the plan and split them into per-task columns."""
     if records.shape != (plan.num_tasks, 5):
         raise ValueError(
             f"timeline has shape {tuple(records.shape)}; a profiled step of this plan writes "
@@ -69,9 +83,19 @@ def summarize(plan: Plan, records: torch.Tensor) -> Summary:
             or (rec[:, 2] <= 0).any()):
         raise ValueError("timeline records are incomplete or out of order: was the step run?")
     start, ready, end = times_us(rec).unbind(1)
-    span = float(end.max())
     ops = torch.tensor([int(t.op) for t in plan.tasks])
-    layers = torch.tensor([t.layer for t in plan.tasks])
+    counts = torch.bincount(ops, minlength=len(Op))
+    per_op = torch.tensor([plan.weight_bytes_by_op.get(op, 0) for op in Op], dtype=torch.float64)
+    return _Tasks(program=rec[:, 0], start=start, ready=ready, end=end, op=ops,
+                  layer=torch.tensor([t.layer for t in plan.tasks]),
+                  weight_bytes=(per_op / counts.clamp(min=1).double())[ops])
+
+
+def summarize(plan: Plan, records: torch.Tensor) -> Summary:
+    """records: [num_tasks, 5] int64 from `DecodeRuntime.timeline` after a profiled step."""
+    tasks = _tasks(plan, records)
+    start, ready, end, ops, layers = tasks.start, tasks.ready, tasks.end, tasks.op, tasks.layer
+    span = float(end.max())
     wait, work = ready - start, end - ready
     per_op = []
     for op in Op:
@@ -86,7 +110,7 @@ def summarize(plan: Plan, records: torch.Tensor) -> Summary:
         for layer in range(plan.config.num_layers)
         if (sel := in_layers & (layers == layer)).any()
     ]
-    programs = int(rec[:, 0].max()) + 1
+    programs = int(tasks.program.max()) + 1
     capacity = programs * span
     return Summary(
         span_us=span,
@@ -125,24 +149,14 @@ class StageWindow:
                 f"{self.last_end_us:>10.2f}{self.mean_work_us:>11.2f}{self.weight_tbs:>7.2f}")
 
 
-def _task_arrays(plan: Plan, records: torch.Tensor):
-    start, ready, end = times_us(records).unbind(1)
-    ops = torch.tensor([int(t.op) for t in plan.tasks])
-    layers = torch.tensor([t.layer for t in plan.tasks])
-    counts = torch.bincount(ops, minlength=len(Op))
-    per_op = torch.tensor([plan.weight_bytes_by_op.get(op, 0) for op in Op], dtype=torch.float64)
-    task_bytes = (per_op / counts.clamp(min=1).double())[ops]  # even split inside an op
-    return start, ready, end, ops, layers, task_bytes
-
-
 def stage_windows(plan: Plan, records: torch.Tensor,
                   layers: list[int] | None = None) -> list[StageWindow]:
     """Each op's window in a layer (see StageWindow), averaged over `layers` (default: the
     middle half of the model, away from the embedding and the LM head)."""
-    summarize(plan, records)  # the same checks on the records
+    tasks = _tasks(plan, records)
+    start, ready, end, ops, task_layer = tasks.start, tasks.ready, tasks.end, tasks.op, tasks.layer
     n = plan.config.num_layers
     layers = list(layers if layers is not None else range(n // 4, max(n // 4 + 1, 3 * n // 4)))
-    start, ready, end, ops, task_layer, task_bytes = _task_arrays(plan, records)
     windows = []
     for op in LAYER_OPS:
         rows = []
@@ -153,7 +167,8 @@ def stage_windows(plan: Plan, records: torch.Tensor,
             rows.append([int(sel.sum()), float(start[sel].min()) - base, first_ready - base,
                          float(ready[sel].max()) - base, last_end - base,
                          float((end[sel] - ready[sel]).mean()),
-                         float(task_bytes[sel].sum()) / max(last_end - first_ready, 1e-9) / 1e6])
+                         float(tasks.weight_bytes[sel].sum())
+                         / max(last_end - first_ready, 1e-9) / 1e6])
         mean = torch.tensor(rows, dtype=torch.float64).mean(0).tolist()
         windows.append(StageWindow(op.name, round(mean[0]), *mean[1:]))
     return windows
@@ -164,13 +179,13 @@ def bandwidth_profile(plan: Plan, records: torch.Tensor, layer: int, *,
     """From layer `layer`'s first QKV start to its last DOWN end, per `bin_us`: (time since
     that start, TB/s of weight bytes streamed, tasks working, tasks waiting on a counter),
     each task's bytes spread evenly over its work (ready -> end), any layer's tasks counted."""
-    summarize(plan, records)
     if not 0 <= layer < plan.config.num_layers:
         raise ValueError(f"layer={layer} must lie in [0, {plan.config.num_layers})")
-    start, ready, end, ops, task_layer, task_bytes = _task_arrays(plan, records)
+    tasks = _tasks(plan, records)
+    start, ready, end, ops, task_layer = tasks.start, tasks.ready, tasks.end, tasks.op, tasks.layer
     base = float(start[(ops == int(Op.QKV)) & (task_layer == layer)].min())
     stop = float(end[(ops == int(Op.DOWN)) & (task_layer == layer)].max())
-    rate = task_bytes / (end - ready).clamp(min=1e-3)  # bytes per us
+    rate = tasks.weight_bytes / (end - ready).clamp(min=1e-3)  # bytes per us
     profile = []
     t = base
     while t < stop:
