@@ -100,6 +100,11 @@ def _probe(counters_ptr, counter, EARLY_PROBE: tl.constexpr):
     return seen
 
 
+# The probe's acquire fence, by ACQUIRE_FENCE (see _wait).
+PROBE_FENCE_ASM = tl.constexpr(("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;",
+                                "fence.acquire.gpu;\n\tmov.u32 $0, 0;"))
+
+
 @triton.jit
 def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, probe,
           IGNORE_DEPS: tl.constexpr, PROFILE: tl.constexpr, EARLY_PROBE: tl.constexpr,
@@ -129,12 +134,8 @@ def _wait(counters_ptr, ctrl_ptr, counter, target, task_id, max_spin, prof_ptr, 
             fenced = False
         if early >= need:
             if not fenced:
-                if ACQUIRE_FENCE:
-                    tl.inline_asm_elementwise("fence.acquire.gpu;\n\tmov.u32 $0, 0;", "=r,r",
-                                              [early], dtype=tl.int32, is_pure=False, pack=1)
-                else:
-                    tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.u32 $0, 0;", "=r,r",
-                                              [early], dtype=tl.int32, is_pure=False, pack=1)
+                tl.inline_asm_elementwise(PROBE_FENCE_ASM[ACQUIRE_FENCE], "=r,r", [early],
+                                          dtype=tl.int32, is_pure=False, pack=1)
             seen = early
         else:
             seen = tl.atomic_add(ptr, 0, sem="acquire", scope="gpu")
