@@ -474,11 +474,35 @@ def _int4_to_f16(w, SIGNED: tl.constexpr):
     return out
 
 
+@triton.constexpr_function
+def _scale_words(K, BK, GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS):
+    """Whether an int4 chunk's scales load as 4-byte words of two groups' fp16 scales each:
+    with the plan tile scale_words, for symmetric codes on tensor cores with an even number
+    of groups a row and whole pairs a chunk. Triton's pipeliner copies only loads of 4 bytes
+    or more a thread (cp.async), so the chunk's scales then travel with its codes, in the
+    same iteration, where 2-byte loads are requested a chunk ahead in registers."""
+    K, BK, GROUP = int(K), int(BK), int(GROUP)
+    return (bool(SCALE_WORDS) and bool(USE_DOT) and int(ZERO_POINTS) == int(ZP_FIXED)
+            and GROUP > 0 and (K // GROUP) % 2 == 0 and BK % (2 * GROUP) == 0)
+
+
 @triton.jit
 def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
-                  ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr):
+                  ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr, SCALE_WORDS: tl.constexpr):
     """The scales and zero points (fp32) of an int4 chunk's groups, shaped like the chunk's
     first two dims (_load_w's layout)."""
+    if _scale_words(K, BK, GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS):
+        # [pairs, rows] words -> [pairs, rows, 2] halves (the even group in the low half)
+        # -> [groups, rows]. The fixed zero point 8 is for the interpreter's path.
+        pair = k0 // (2 * GROUP) + tl.arange(0, BK // (2 * GROUP))
+        widx = rows[None, :] * (K // (2 * GROUP)) + pair[:, None]
+        words = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + widx,
+                        mask=row_mask[None, :] & (pair < K // (2 * GROUP))[:, None], other=0)
+        even = (words & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        odd = (words >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        scale = tl.reshape(tl.permute(tl.join(even, odd), (0, 2, 1)),
+                           (BK // GROUP, rows.shape[0])).to(tl.float32)
+        return scale, tl.zeros_like(scale) + 8.0
     grp = k0 // GROUP + tl.arange(0, BK // GROUP)
     gmask = grp < K // GROUP
     if USE_DOT:
@@ -512,13 +536,14 @@ def _offset_parts(osum_ptr, K, k0, BK: tl.constexpr, GROUP: tl.constexpr, B: tl.
 
 @triton.jit
 def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
-                  GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr):
+                  GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr,
+                  SCALE_WORDS: tl.constexpr):
     """_group_params of the chunk at k0 for int4 weights (columns past K come masked: zeros;
     with ZP_OFFSET_SUMS the zeros are unused: _chunk_mv reads x's offset sums); other weights
     have none (placeholders)."""
     if WBITS == 4:
         scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, ZERO_POINTS,
-                                    USE_DOT)
+                                    USE_DOT, SCALE_WORDS)
     else:
         scale = 0.0
         zero = 0.0
@@ -528,7 +553,8 @@ def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: 
 @triton.jit
 def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
                 WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr,
-                USE_DOT: tl.constexpr, KSPLIT: tl.constexpr, PF_K: tl.constexpr):
+                SCALE_WORDS: tl.constexpr, USE_DOT: tl.constexpr, KSPLIT: tl.constexpr,
+                PF_K: tl.constexpr):
     """A task's first chunk for _gemv, requested before its wait: the codes and the int4
     scales and zero points (after the wait, the scales' round trip to HBM stalled every
     gate/up task: ncu, 8B int4). Triton stages each load through registers right after it
@@ -543,7 +569,7 @@ def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
                 _prefetch_l2(z_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 128, 0)
     w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
-                                ZERO_POINTS, USE_DOT)
+                                ZERO_POINTS, USE_DOT, SCALE_WORDS)
     return w, scale, zero
 
 
@@ -680,8 +706,8 @@ def _accumulate(acc, w, x_ptr, z_ptr, scale, zero, K, k0,
 def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, z_first,
           x_ptr, B: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
           USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
-          WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, CDT: tl.constexpr,
-          KSPLIT: tl.constexpr, PTX: tl.constexpr):
+          WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr,
+          SCALE_WORDS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr, PTX: tl.constexpr):
     """out[b, n] = sum_k W[rows[n], k] * x[b, k] over columns k_lo <= k < k_hi (whole
     chunks) of a [?, K] matrix -> [BP, BN] fp32, with the first chunk (at k_lo) already
     loaded (_load_first: codes, int4 scales and zero points); W in the model dtype or
@@ -699,23 +725,33 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
         acc = tl.zeros([BN, BK // GROUP, GROUP // 2], dtype=tl.float32)
     else:
         acc = tl.zeros([BN, BK], dtype=tl.float32)
-    # int4 scales (and zero points) are requested a chunk ahead of their use: the pipeliner
-    # leaves them to plain loads (a thread's 2 bytes are under cp.async's 4), whose round
-    # trip each chunk then waited on (ncu, 8B int4: the down loop's most sampled stall).
+    # int4 scales as words (_scale_words) come in the chunk that uses them, through the
+    # pipeliner; other int4 scales (and zero points) are requested a chunk ahead of their use:
+    # the pipeliner leaves them to plain loads (a thread's 2 bytes are under cp.async's 4),
+    # whose round trip each chunk then waited on (ncu, 8B int4: the down loop's most sampled
+    # stall).
+    WORDS: tl.constexpr = STAGES > 0 and WBITS == 4 and _scale_words(K, BK, GROUP, ZERO_POINTS,
+                                                                     USE_DOT, SCALE_WORDS)
     scale, zero = s_first, z_first
     if WBITS == 4 and ZERO_POINTS == ZP_OFFSET_SUMS:
         tl.static_assert(USE_DOT, "int4 offset sums are for the tensor-core GEMVs")
-    scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo + BK, BK,
-                                          WBITS, GROUP, ZERO_POINTS, USE_DOT)
+    if not WORDS:
+        scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo + BK, BK,
+                                              WBITS, GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS)
     acc = _accumulate(acc, w_first, x_ptr, z_ptr, scale, zero, K, k_lo, B, BP, BK, USE_DOT,
                       DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     if STAGES > 0:
         # Triton's software pipeliner keeps STAGES chunks in flight (through shared memory).
         for k0 in tl.range(k_lo + BK, k_hi, BK, num_stages=STAGES):
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
-            scale, zero = scale_next, zero_next
-            scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT)
+            if WORDS:  # pipelined with the codes
+                scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS,
+                                            GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS)
+            else:
+                scale, zero = scale_next, zero_next
+                scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
+                                                      BK, WBITS, GROUP, ZERO_POINTS, USE_DOT,
+                                                      SCALE_WORDS)
             acc = _accumulate(acc, w, x_ptr, z_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
                               DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     else:
@@ -728,7 +764,8 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
                              KSPLIT)
             scale, zero = scale_next, zero_next
             scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT)
+                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT,
+                                                  SCALE_WORDS)
             acc = _accumulate(acc, w_cur, x_ptr, z_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
                               DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     # The one cross-thread reduction of the tile.
@@ -879,8 +916,9 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
          NORM_STRIDE: tl.constexpr, BN_QKV: tl.constexpr, BK_QKV: tl.constexpr,
          USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, QKV_BIAS: tl.constexpr,
          QK_NORM: tl.constexpr, STAGES: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-         ZERO_POINTS: tl.constexpr, KSPLIT: tl.constexpr, PARTS: tl.constexpr,
-         PARTS_P: tl.constexpr, PTX: tl.constexpr, DEFER_SIGNAL: tl.constexpr):
+         ZERO_POINTS: tl.constexpr, SCALE_WORDS: tl.constexpr, KSPLIT: tl.constexpr,
+         PARTS: tl.constexpr, PARTS_P: tl.constexpr, PTX: tl.constexpr,
+         DEFER_SIGNAL: tl.constexpr):
     """RMSNorm + BN_QKV pair-ordered rows of one head, bias, then (_finish_head) RoPE and the
     store to q (query heads) or to the KV cache (key/value heads), and the signal (_signal's
     result).
@@ -899,7 +937,7 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
     acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, D, 0, D, w_first, s_first, z_first,
                 xn_ptr, B, BP, BN_QKV, BK_QKV, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP,
-                ZERO_POINTS, k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
+                ZERO_POINTS, SCALE_WORDS, k_cache_ptr.dtype.element_ty, KSPLIT, PTX)
     if BP > EARLY_LOADS_MAX_BP:
         ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
         pos, cos, sin = _rotary(pos_ptr, inv_freq_ptr, dims, B, BP)
@@ -1103,8 +1141,8 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
                    SPLITS_P: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                    STAGES: tl.constexpr, PF_K: tl.constexpr, IGNORE_DEPS: tl.constexpr,
                    PROFILE: tl.constexpr, WBITS: tl.constexpr, GROUP: tl.constexpr,
-                   ZERO_POINTS: tl.constexpr, CDT: tl.constexpr, KSPLIT: tl.constexpr,
-                   PTX: tl.constexpr, EARLY_PROBE: tl.constexpr,
+                   ZERO_POINTS: tl.constexpr, SCALE_WORDS: tl.constexpr, CDT: tl.constexpr,
+                   KSPLIT: tl.constexpr, PTX: tl.constexpr, EARLY_PROBE: tl.constexpr,
                    ACQUIRE_FENCE: tl.constexpr, DEFER_SIGNAL: tl.constexpr):
     """O-projection or down-projection: BN rows of a [D, K] matrix times x, added to h, and
     published for the next norm (weights g; xn's offset sums to osum_ptr with offset-sum
@@ -1122,7 +1160,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     row_mask = rows < D
     k_lo = part * KPART
     w0, s0, z0 = _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
-                             ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
+                             ZERO_POINTS, SCALE_WORDS, USE_DOT, KSPLIT, PF_K)
     sig = -1
     if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr, probe,
              IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
@@ -1130,7 +1168,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
             h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
         acc = _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_lo + KPART, w0, s0, z0,
                     x_ptr, B, BP, BN, BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, ZERO_POINTS,
-                    CDT, KSPLIT, PTX)
+                    SCALE_WORDS, CDT, KSPLIT, PTX)
         if SPLITS == 1:
             if BP > EARLY_LOADS_MAX_BP:
                 h, g = _publish_inputs(h_ptr, g_ptr, rows, row_mask, B, BP, D)
@@ -1177,7 +1215,8 @@ def decode_step_kernel(
     EPS: tl.constexpr, SM_SCALE: tl.constexpr,
     LAYER_STRIDE: tl.constexpr, OFF_O: tl.constexpr, OFF_GU: tl.constexpr,
     OFF_DOWN: tl.constexpr, NORM_STRIDE: tl.constexpr,
-    WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, LM_WBITS: tl.constexpr,
+    WBITS: tl.constexpr, GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr,
+    SCALE_WORDS: tl.constexpr, LM_WBITS: tl.constexpr,
     SCALE_STRIDE: tl.constexpr, SOFF_O: tl.constexpr, SOFF_GU: tl.constexpr,
     SOFF_DOWN: tl.constexpr,
     BN_QKV: tl.constexpr, BK_QKV: tl.constexpr, BN_O: tl.constexpr, BN_UP: tl.constexpr,
@@ -1254,8 +1293,8 @@ def decode_step_kernel(
             rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
             w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, z_qkv, rows_qkv,
                                                  rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS,
-                                                 GROUP, ZERO_POINTS, USE_DOT, KSPLIT_QKV,
-                                                 PF_K)
+                                                 GROUP, ZERO_POINTS, SCALE_WORDS, USE_DOT,
+                                                 KSPLIT_QKV, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 sig = _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, z_qkv,
@@ -1263,7 +1302,8 @@ def decode_step_kernel(
                            q_ptr, qk_raw_ptr, k_cache_ptr, v_cache_ptr, counters_ptr, signal_ctr,
                            aux_ctr, B, BP, D, H, KVH, HD, S_MAX, EPS, NORM_STRIDE, BN_QKV,
                            BK_QKV, USE_DOT, DOT_PREC, QKV_BIAS, QK_NORM, STAGES, WBITS, GROUP,
-                           ZERO_POINTS, KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX, DEFER_SIGNAL)
+                           ZERO_POINTS, SCALE_WORDS, KSPLIT_QKV, PARTS_DOWN, PARTS_DOWN_P, PTX,
+                           DEFER_SIGNAL)
         elif op == OP_ATTN:
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
@@ -1289,22 +1329,22 @@ def decode_step_kernel(
                                  ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task,
                                  max_spin, prof_ptr, probe, B, BP, D, BN_O, BK, 1, 1, USE_DOT,
                                  DOT_PREC, STAGES, PF_K, IGNORE_DEPS, PROFILE, WBITS, GROUP,
-                                 ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE, ACQUIRE_FENCE,
-                                 DEFER_SIGNAL)
+                                 ZERO_POINTS, SCALE_WORDS, CDT, KSPLIT, PTX, EARLY_PROBE,
+                                 ACQUIRE_FENCE, DEFER_SIGNAL)
         elif op == OP_GATEUP:
             rows_gu, f_rows = _gate_up_rows(a, BN_UP, F)
             w_gu = layer_w + OFF_GU
             w0_gu, s0_gu, z0_gu = _load_first(w_gu, layer_s + SOFF_GU, z_gu,
                                               rows_gu, f_rows < F, D, 0, BK, WBITS, GROUP,
-                                              ZERO_POINTS, USE_DOT, KSPLIT, PF_K)
+                                              ZERO_POINTS, SCALE_WORDS, USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
                 acc_gu = _gemv(w_gu, layer_s + SOFF_GU, z_gu, rows_gu, f_rows < F,
                                D, 0, D, w0_gu, s0_gu, z0_gu, xn_attn_ptr, B, BP, 2 * BN_UP,
-                               BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, ZERO_POINTS, CDT,
-                               KSPLIT, PTX)
+                               BK, USE_DOT, DOT_PREC, STAGES, WBITS, GROUP, ZERO_POINTS,
+                               SCALE_WORDS, CDT, KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
                     ss_gu = _load_ss(ss_attn_ptr, B, BP, PARTS_O, PARTS_O_P)
                 acc_gu *= _inv_rms(ss_gu, D, EPS)[:, None]
@@ -1327,21 +1367,21 @@ def decode_step_kernel(
                                  ctrl_ptr, wait_ctr, wait_target, signal_ctr, aux_ctr, task,
                                  max_spin, prof_ptr, probe, B, BP, D, BN_DOWN, BK, DOWN_SPLITS,
                                  DOWN_SPLITS_P, USE_DOT, DOT_PREC, STAGES, PF_K, IGNORE_DEPS,
-                                 PROFILE, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX, EARLY_PROBE,
-                                 ACQUIRE_FENCE, DEFER_SIGNAL)
+                                 PROFILE, WBITS, GROUP, ZERO_POINTS, SCALE_WORDS, CDT, KSPLIT, PTX,
+                                 EARLY_PROBE, ACQUIRE_FENCE, DEFER_SIGNAL)
         elif op == OP_LMHEAD:
             rows_lm = a * BN_LM + tl.arange(0, BN_LM)
             w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm,
                                               rows_lm < V, D, 0, BK, LM_WBITS, GROUP, ZERO_POINTS,
-                                              USE_DOT, KSPLIT, PF_K)
+                                              SCALE_WORDS, USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
                 acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm, rows_lm < V,
                                D, 0, D, w0_lm, s0_lm, z0_lm, xn_mlp_ptr, B, BP, BN_LM, BK,
-                               USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, ZERO_POINTS, CDT,
-                               KSPLIT, PTX)
+                               USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, ZERO_POINTS,
+                               SCALE_WORDS, CDT, KSPLIT, PTX)
                 if BP > EARLY_LOADS_MAX_BP:
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
                 acc_lm *= _inv_rms(ss_lm, D, EPS)[:, None]

@@ -152,13 +152,16 @@ def test_summary_is_one_screen(plan) -> None:
                                                lm_rows=16, early_probe=1, next_hint=1)),
         # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles; QKV chunks
         # of about 16 KB of weights, as in the model dtype (not 8K elements); 32-row O-proj
-        # tiles and the early counter probe where that still gives a task per SM (8B, not 1B).
+        # tiles, the early counter probe and the scales as words where that still gives a
+        # task per SM (8B, not 1B).
         ("llama-3.1-8b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, qkv_block_k=512,
                                                gate_up_rows=32, lm_rows=32, o_rows=32,
-                                               down_rows=32, early_probe=1, next_hint=0)),
+                                               down_rows=32, early_probe=1, next_hint=0,
+                                               scale_words=1)),
         ("llama-3.2-1b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,
-                                               lm_rows=32, o_rows=16, early_probe=0)),
-        ("llama-3.1-8b", 4, "int4", 4096, dict(early_probe=0, next_hint=0)),
+                                               lm_rows=32, o_rows=16, early_probe=0,
+                                               scale_words=0)),
+        ("llama-3.1-8b", 4, "int4", 4096, dict(early_probe=0, next_hint=0, scale_words=0)),
         ("llama-3.1-8b", 4, None, 4096, dict(down_splits=2, down_rows=32, kv_splits=8)),
         # Chunks as one 2-D dot at batch > 8 up to 3072 hidden (1B, 3B; not 8B, batch 8, int8),
         # and with it down halves of at least 32 rows.
@@ -263,7 +266,7 @@ def test_triton_ptx_version_is_a_version_or_zero() -> None:
     assert version == 0 or 60 <= version < 200
 
 
-@pytest.mark.parametrize("name", ["early_probe", "next_hint"])
+@pytest.mark.parametrize("name", ["early_probe", "next_hint", "scale_words"])
 @pytest.mark.parametrize("tile", [-1, 3])
 def test_probe_and_hint_tiles_out_of_range_are_refused(name: str, tile: int) -> None:
     with pytest.raises(ValueError, match=f"{name}={tile} must be 0"):

@@ -328,6 +328,30 @@ def test_kernel_int4_offset_sums_batch_1() -> None:
     _run_and_compare(pair, [4], steps=2, dtype=torch.bfloat16)
 
 
+# scale_words=1: symmetric int4 chunks of two or more groups load their scales as 4-byte
+# words of two groups each (kernels/decode.py _scale_words) where a row has an even number
+# of groups; other rows keep the 2-byte loads. Groups of 128 (what batch 1 on tensor cores takes):
+# (hidden size, query heads, intermediate size, block_k).
+SCALE_WORD_CASES = {
+    "words": (256, 4, 512, 256),  # 2 and 4 groups a row, 2 a chunk
+    "words-partial-last-chunk": (768, 12, 512, 512),  # 6 groups: the 2nd chunk's 2nd pair masked
+    "odd-groups": (384, 6, 512, 256),  # 3 groups a row on QKV/gate-up: 2-byte loads there
+}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", list(SCALE_WORD_CASES))
+def test_kernel_int4_scales_as_words(case: str, batch: int) -> None:
+    hidden, heads, ffn, block_k = SCALE_WORD_CASES[case]
+    shape = dict(hidden_size=hidden, intermediate_size=ffn, num_attention_heads=heads,
+                 num_key_value_heads=2, head_dim=64)
+    pair = _pair("llama", batch=batch, dtype=torch.bfloat16, quant=QuantScheme(4, 128),
+                 overrides=shape, block_k=block_k, qkv_block_k=block_k, tensor_cores=1,
+                 scale_words=1)
+    assert pair.plan.use_dot and pair.plan.constexprs()["ZERO_POINTS"] == 0
+    _run_and_compare(pair, [4, 9, 2][:batch], steps=2, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize(("quant", "batch", "tiles", "match"), [
     (QuantScheme(8), 3, {}, "symmetric int4 weights on tensor cores"),
     (INT4_ASYM, 3, {}, "symmetric int4 weights on tensor cores"),

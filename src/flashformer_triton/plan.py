@@ -122,6 +122,10 @@ class Tiles:
     # program's next task's first chunk into L2 (kernels/decode.py _hint_first); 2: and the
     # int4 scales' line of its rows. The hints are GPU only; the interpreter runs the rest.
     next_hint: int = 0
+    # 1: symmetric int4 chunks on tensor cores load their scales as 4-byte words of two
+    # groups' fp16 scales, through Triton's pipeliner with the codes (kernels/decode.py
+    # _scale_words; rows of an odd number of groups keep the 2-byte loads).
+    scale_words: int = 0
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,9 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # within the noise, with 2 more bytes of spills (2.048 median of three -> 2.045-2.065):
     # bench/NOTES.md Q35.
     next_hint = int(bool(tensor_cores) and batch == 1 and wide and not wide_int4)
+    # int4 scales as words: 8B int4 at batch 1 2.044 -> 2.018 ms (H100, same process); 1B
+    # int4 0.538 -> 0.546, where the kernel spills 64 bytes with them (bench/NOTES.md Q37).
+    scale_words = int(wide_int4 and wide)
     # Static schedule (each program a fixed share of the table, no queue pops, next row
     # prefetched): 1B int8 0.826 -> 0.780 ms, batch 16 1.413 -> 1.378 (bench/NOTES.md row 36).
     return Tiles(qkv_rows=qkv_rows, qkv_block_k=qkv_block_k, kv_splits=splits,
@@ -319,7 +326,7 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
                  o_rows=o_rows, down_rows=down_rows, down_splits=down_splits,
                  gate_up_rows=gate_up_rows, lm_rows=lm_rows, block_k=block_k,
                  pipeline_stages=stages, plain_dot=plain_dot, early_probe=early_probe,
-                 next_hint=next_hint)
+                 next_hint=next_hint, scale_words=scale_words)
 
 
 @dataclass
@@ -419,6 +426,7 @@ class Plan:
             # What the int4 maths subtracts (kernels/decode.py ZP_*): the fixed 8, stored
             # zero points, or x's offset sums.
             "ZERO_POINTS": (1 if quant and not quant.symmetric else 2 if t.offset_sums else 0),
+            "SCALE_WORDS": t.scale_words,
             "LM_WBITS": quant.bits if quant and quant.lm_head else 0,
             "SCALE_STRIDE": scales.layer_stride,
             "SOFF_O": scales.o,
@@ -701,6 +709,9 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         raise ValueError(f"early_probe={t.early_probe} must be 0 (off), 1 (a probe at each "
                          f"task's start) or 2 (1, and the publishing fence probes the next "
                          f"task's counter)")
+    if t.scale_words not in (0, 1):
+        raise ValueError(f"scale_words={t.scale_words} must be 0 (2-byte scale loads) or 1 "
+                         f"(4-byte words of two groups' scales)")
     if t.next_hint not in (0, 1, 2):
         raise ValueError(f"next_hint={t.next_hint} must be 0 (off), 1 (the next task's first "
                          f"chunk into L2) or 2 (1, and its int4 scales)")
