@@ -475,7 +475,7 @@ def _int4_to_f16(w, SIGNED: tl.constexpr):
 
 
 @triton.constexpr_function
-def _scale_words(K, BK, GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS):
+def _scale_words(K, BK, GROUP, ZERO_POINTS, SCALE_WORDS, USE_DOT):
     """Whether an int4 chunk's scales load as 4-byte words of two groups' fp16 scales each:
     with the plan tile scale_words, for symmetric codes on tensor cores with an even number
     of groups a row and whole pairs a chunk. Triton's pipeliner copies only loads of 4 bytes
@@ -488,10 +488,11 @@ def _scale_words(K, BK, GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS):
 
 @triton.jit
 def _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, GROUP: tl.constexpr,
-                  ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr, SCALE_WORDS: tl.constexpr):
+                  ZERO_POINTS: tl.constexpr, SCALE_WORDS: tl.constexpr, USE_DOT: tl.constexpr):
     """The scales and zero points (fp32) of an int4 chunk's groups, shaped like the chunk's
-    first two dims (_load_w's layout)."""
-    if _scale_words(K, BK, GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS):
+    first two dims (_load_w's layout); the scales read as 4-byte words where _scale_words
+    says so, else one fp16 a load."""
+    if _scale_words(K, BK, GROUP, ZERO_POINTS, SCALE_WORDS, USE_DOT):
         # [pairs, rows] words -> [pairs, rows, 2] halves (the even group in the low half)
         # -> [groups, rows]. The fixed zero point 8 is for the interpreter's path.
         pair = k0 // (2 * GROUP) + tl.arange(0, BK // (2 * GROUP))
@@ -536,14 +537,14 @@ def _offset_parts(osum_ptr, K, k0, BK: tl.constexpr, GROUP: tl.constexpr, B: tl.
 
 @triton.jit
 def _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr, WBITS: tl.constexpr,
-                  GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, USE_DOT: tl.constexpr,
-                  SCALE_WORDS: tl.constexpr):
+                  GROUP: tl.constexpr, ZERO_POINTS: tl.constexpr, SCALE_WORDS: tl.constexpr,
+                  USE_DOT: tl.constexpr):
     """_group_params of the chunk at k0 for int4 weights (columns past K come masked: zeros;
     with ZP_OFFSET_SUMS the zeros are unused: _chunk_mv reads x's offset sums); other weights
     have none (placeholders)."""
     if WBITS == 4:
         scale, zero = _group_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, GROUP, ZERO_POINTS,
-                                    USE_DOT, SCALE_WORDS)
+                                    SCALE_WORDS, USE_DOT)
     else:
         scale = 0.0
         zero = 0.0
@@ -569,7 +570,7 @@ def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
                 _prefetch_l2(z_ptr, rows, row_mask, K // GROUP, k0 // GROUP, 128, 0)
     w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
     scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP,
-                                ZERO_POINTS, USE_DOT, SCALE_WORDS)
+                                ZERO_POINTS, SCALE_WORDS, USE_DOT)
     return w, scale, zero
 
 
@@ -731,13 +732,13 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
     # whose round trip each chunk then waited on (ncu, 8B int4: the down loop's most sampled
     # stall).
     WORDS: tl.constexpr = STAGES > 0 and WBITS == 4 and _scale_words(K, BK, GROUP, ZERO_POINTS,
-                                                                     USE_DOT, SCALE_WORDS)
+                                                                     SCALE_WORDS, USE_DOT)
     scale, zero = s_first, z_first
     if WBITS == 4 and ZERO_POINTS == ZP_OFFSET_SUMS:
         tl.static_assert(USE_DOT, "int4 offset sums are for the tensor-core GEMVs")
     if not WORDS:
         scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k_lo + BK, BK,
-                                              WBITS, GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS)
+                                              WBITS, GROUP, ZERO_POINTS, SCALE_WORDS, USE_DOT)
     acc = _accumulate(acc, w_first, x_ptr, z_ptr, scale, zero, K, k_lo, B, BP, BK, USE_DOT,
                       DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     if STAGES > 0:
@@ -746,12 +747,12 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
             w = _load_w(w_ptr, rows, row_mask, K, k0, BK, WBITS, GROUP, USE_DOT, KSPLIT)
             if WORDS:  # pipelined with the codes
                 scale, zero = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0, BK, WBITS,
-                                            GROUP, ZERO_POINTS, USE_DOT, SCALE_WORDS)
+                                            GROUP, ZERO_POINTS, SCALE_WORDS, USE_DOT)
             else:
                 scale, zero = scale_next, zero_next
                 scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                      BK, WBITS, GROUP, ZERO_POINTS, USE_DOT,
-                                                      SCALE_WORDS)
+                                                      BK, WBITS, GROUP, ZERO_POINTS,
+                                                      SCALE_WORDS, USE_DOT)
             acc = _accumulate(acc, w, x_ptr, z_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
                               DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     else:
@@ -764,8 +765,8 @@ def _gemv(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, k_hi, w_first, s_first, 
                              KSPLIT)
             scale, zero = scale_next, zero_next
             scale_next, zero_next = _chunk_params(s_ptr, z_ptr, rows, row_mask, K, k0 + BK,
-                                                  BK, WBITS, GROUP, ZERO_POINTS, USE_DOT,
-                                                  SCALE_WORDS)
+                                                  BK, WBITS, GROUP, ZERO_POINTS,
+                                                  SCALE_WORDS, USE_DOT)
             acc = _accumulate(acc, w_cur, x_ptr, z_ptr, scale, zero, K, k0, B, BP, BK, USE_DOT,
                               DOT_PREC, WBITS, GROUP, ZERO_POINTS, CDT, KSPLIT, PTX)
     # The one cross-thread reduction of the tile.
