@@ -82,6 +82,16 @@ def test_a_peer_that_does_not_fit_beside_the_kernel_is_named() -> None:
     assert "next to the kernel" in unfit["compile"]
 
 
+@pytest.mark.parametrize("scale_words", [0, 1])
+def test_loop_bench_runs_the_kernels_int4_loop_right(scale_words: int) -> None:
+    """bench/loop_bench.py times decode.py's int4 GEMV loop alone; its check runs that loop
+    (the interpreter on a CPU) on tiles cycled over several programs and tasks."""
+    import loop_bench
+
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    assert loop_bench.check(device, scale_words=scale_words) < 1e-3
+
+
 def test_gpu_slug() -> None:
     assert bench_decode.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     assert bench_decode.gpu_slug("NVIDIA H200") == "h200"
