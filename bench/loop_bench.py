@@ -19,6 +19,7 @@ import statistics
 
 import torch
 
+from flashformer_triton.quantize import QuantizedLinear, QuantScheme
 from flashformer_triton.runtime import kernel_module
 
 # The kernels before triton itself: without CUDA, this switches on Triton's interpreter.
@@ -59,11 +60,10 @@ def inputs(rows: int, k: int, device: torch.device, seed: int = 0):
 
 
 def reference(codes: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Each row's (code - 8) * scale . x in fp32 (low nibble: even column)."""
-    c = codes.cpu().int()
-    q = torch.stack([c & 15, c >> 4], dim=-1).reshape(c.shape[0], -1).float() - 8
-    w = q * scales.cpu().float().repeat_interleave(GROUP_SIZE, dim=1)
-    return w @ x.cpu().float()
+    """The rows dequantized as the kernel's scheme defines them (quantize.dequantize), times
+    x, in fp32."""
+    weights = QuantizedLinear(codes.cpu(), scales.cpu(), None, QuantScheme(4, GROUP_SIZE))
+    return weights.dequantize() @ x.cpu().float()
 
 
 def launch(codes, scales, x, out, *, grid: int, tasks: int, tile_mod: int, bn: int, bk: int,
