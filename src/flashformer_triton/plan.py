@@ -688,6 +688,14 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
         if value < low or value & (value - 1):
             raise ValueError(f"tile {name}={value} must be a power of two >= {low}")
 
+    def one_of(name: str, *meanings: str) -> None:
+        """The tile must be 0, 1, ... up to the number of meanings (each value's)."""
+        value = getattr(t, name)
+        if value not in range(len(meanings)):
+            choices = [f"{i} ({meaning})" for i, meaning in enumerate(meanings)]
+            raise ValueError(f"{name}={value} must be {', '.join(choices[:-1])} or "
+                             f"{choices[-1]}")
+
     # Tensor cores (batch > 1, or the tile) run the row tiles through tl.dot: at least one
     # 16-row MMA tile.
     min_rows = 16 if _on_tensor_cores(batch, t.tensor_cores) else 2
@@ -705,16 +713,10 @@ def _check_tiles(config: ModelConfig, t: Tiles, batch: int) -> None:
     if t.attention_stages < 1:
         raise ValueError(f"attention_stages={t.attention_stages} must be >= 1 (1: one block "
                          f"at a time)")
-    if t.early_probe not in (0, 1, 2):
-        raise ValueError(f"early_probe={t.early_probe} must be 0 (off), 1 (a probe at each "
-                         f"task's start) or 2 (1, and the publishing fence probes the next "
-                         f"task's counter)")
-    if t.scale_words not in (0, 1):
-        raise ValueError(f"scale_words={t.scale_words} must be 0 (2-byte scale loads) or 1 "
-                         f"(4-byte words of two groups' scales)")
-    if t.next_hint not in (0, 1, 2):
-        raise ValueError(f"next_hint={t.next_hint} must be 0 (off), 1 (the next task's first "
-                         f"chunk into L2) or 2 (1, and its int4 scales)")
+    one_of("early_probe", "off", "a probe at each task's start",
+           "1, and the publishing fence probes the next task's counter")
+    one_of("scale_words", "2-byte scale loads", "4-byte words of two groups' scales")
+    one_of("next_hint", "off", "the next task's first chunk into L2", "1, and its int4 scales")
     f = config.intermediate_size
     if not 1 <= t.down_splits <= 8 or (t.down_splits > 1 and (
             f % (t.down_splits * t.block_k) or (f // t.down_splits) % t.gate_up_rows)):
