@@ -396,33 +396,36 @@ def _int8_to_f16(w):
         "=r,=r,r", [w], dtype=tl.float16, is_pure=True, pack=4)
 
 
-# Packed int4 bytes -> low and high nibbles as fp16, four bytes per 32-bit word in ten
-# instructions: two byte permutes spread the bytes over the two halves of a word, a mask puts
-# each nibble under the fp16 exponent of 1024 and one packed subtract (low nibble) or
-# multiply-add by 1/16 (high nibble, 4 bits up) leaves the code minus an offset, exactly.
-_INT4_F16_ASM = """{
-        .reg .b32 u, v, m, s, c, off, z;
-        mov.b32 m, 0x64006400;
-        mov.b32 off, OFF_LO;
-        mov.b32 s, 0x2C002C00;
-        mov.b32 c, OFF_HI;
-        mov.b32 z, 0;
-        prmt.b32 u, $4, z, 0x4140;
-        prmt.b32 v, $4, z, 0x4342;
-        lop3.b32 $0, u, 0x000F000F, m, 0xEA;
-        lop3.b32 $1, v, 0x000F000F, m, 0xEA;
-        lop3.b32 $2, u, 0x00F000F0, m, 0xEA;
-        lop3.b32 $3, v, 0x00F000F0, m, 0xEA;
-        sub.f16x2 $0, $0, off;
-        sub.f16x2 $1, $1, off;
-        fma.rn.f16x2 $2, $2, s, c;
-        fma.rn.f16x2 $3, $3, s, c;
-        }"""
-# Offsets: 0 (1024 and -64 in fp16) or the symmetric scheme's 8 (1032 and -72).
-INT4_F16_CODES = tl.constexpr(_INT4_F16_ASM.replace("OFF_LO", "0x64006400")
-                              .replace("OFF_HI", "0xD400D400"))
-INT4_F16_SIGNED = tl.constexpr(_INT4_F16_ASM.replace("OFF_LO", "0x64086408")
-                               .replace("OFF_HI", "0xD480D480"))
+# Packed int4 words (quantize.pack_int4's layout) -> fp16, the eight codes of a 32-bit word
+# in nine instructions: one shift lines bytes 1 and 3 up under bytes 0 and 2 (_INT4_SPREAD),
+# masks put each low nibble under the fp16 exponent of 1024 and each high nibble (4 bits up)
+# under that of 64, and four packed subtracts take those off with the zero point, exactly.
+# The shift pairs bytes 0 with 2 and 1 with 3, so a word's bytes come out in the order 0, 2,
+# 1, 3: pack_int4 stores them in that order, so they come out in column order. (Two byte
+# permutes instead of the shift kept the stored order plain, for a tenth more instructions in
+# the int4 loops; bench/NOTES.md Q38.)
+_INT4_SPREAD = """
+        shr.b32 t, $4, 8;
+        lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $2, $4, 0x00F000F0, 0x54005400, 0xEA;
+        lop3.b32 $3, t, 0x00F000F0, 0x54005400, 0xEA;"""
+
+
+def _int4_f16_asm(off_lo: str, off_hi: str) -> str:
+    return ("{\n        .reg .b32 t, lo, hi;\n"
+            f"        mov.b32 lo, {off_lo};\n        mov.b32 hi, {off_hi};"
+            + _INT4_SPREAD + """
+        sub.f16x2 $0, $0, lo;
+        sub.f16x2 $1, $1, lo;
+        sub.f16x2 $2, $2, hi;
+        sub.f16x2 $3, $3, hi;
+        }""")
+
+
+# Offsets: 1024 and 64 (the codes as they are) or with the symmetric scheme's 8 (1032, 72).
+INT4_F16_CODES = tl.constexpr(_int4_f16_asm("0x64006400", "0x54005400"))
+INT4_F16_SIGNED = tl.constexpr(_int4_f16_asm("0x64086408", "0x54805480"))
 
 
 # What z_ptr holds for int4 weights (constexpr ZERO_POINTS): nothing (the symmetric scheme's
@@ -432,31 +435,22 @@ ZP_FIXED = tl.constexpr(0)
 ZP_STORED = tl.constexpr(1)
 ZP_OFFSET_SUMS = tl.constexpr(2)
 
-# Symmetric int4 codes with no subtract or multiply-add (tile offset_sums): a mask puts each
-# low nibble under the fp16 exponent of 1024 (1024 + code) and each high nibble, four bits
-# up, under that of 64 (64 + code): five instructions per 32-bit word instead of ten, and a
-# fifth to a third of the int4 loops' instructions. So the dot's sums carry, on top of
-# sum((code - 8) x), sum(x) times 1032 (even columns) or 72 (odd columns): the producers of
-# x publish those sums per OSUM_COLS columns (_store_offset_sums) and the GEMV takes them
-# off once per group. The shift pairs byte 0 with byte 2 and byte 1 with byte 3 of a word,
-# so a 4-byte run of codes comes out as bytes 0, 2, 1, 3: x is read in that order too.
-INT4_RAW_ASM = tl.constexpr("""{
-        .reg .b32 t;
-        shr.b32 t, $4, 8;
-        lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $2, $4, 0x00F000F0, 0x54005400, 0xEA;
-        lop3.b32 $3, t, 0x00F000F0, 0x54005400, 0xEA;
-        }""")
-INT4_OFF_EVEN = tl.constexpr(1032.0)  # 1024 in the operand + the zero point 8
-INT4_OFF_ODD = tl.constexpr(72.0)  # 64 + 8
+# Symmetric int4 codes with no subtracts (tile offset_sums): _INT4_F16_ASM's masks alone,
+# 1024 + code (low nibbles) and 64 + code (high), five instructions per 32-bit word instead
+# of nine. So the dot's sums carry, on top of sum((code - 8) x), sum(x) times 1032 (the low
+# nibbles' columns, the first 16 of every 32) or 72 (the high ones'): the producers of x
+# publish those sums per OSUM_COLS columns (_store_offset_sums) and the GEMV takes them off
+# once per group.
+INT4_RAW_ASM = tl.constexpr("{\n        .reg .b32 t;" + _INT4_SPREAD + "\n        }")
+INT4_OFF_LO = tl.constexpr(1032.0)  # 1024 in the operand + the zero point 8
+INT4_OFF_HI = tl.constexpr(72.0)  # 64 + 8
 OSUM_COLS = tl.constexpr(16)
 
 
 @triton.jit
 def _int4_raw_to_f16(w):
-    """Packed int4 bytes -> (1024 + low nibble, 64 + high nibble) in fp16, each run of four
-    bytes in the order 0, 2, 1, 3 (INT4_RAW_ASM). GPU only (inline PTX)."""
+    """Packed int4 bytes -> (1024 + low nibble, 64 + high nibble) in fp16, each word's bytes
+    in column order (INT4_RAW_ASM). GPU only (inline PTX)."""
     return tl.inline_asm_elementwise(INT4_RAW_ASM, "=r,=r,=r,=r,r", [w],
                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
 
@@ -464,7 +458,8 @@ def _int4_raw_to_f16(w):
 @triton.jit
 def _int4_to_f16(w, SIGNED: tl.constexpr):
     """Packed int4 bytes -> (low, high) nibble codes in fp16, minus 8 when SIGNED (the
-    symmetric scheme's fixed zero point). GPU only (inline PTX)."""
+    symmetric scheme's fixed zero point), each word's bytes in column order
+    (_INT4_F16_ASM). GPU only (inline PTX)."""
     if SIGNED:
         out = tl.inline_asm_elementwise(INT4_F16_SIGNED, "=r,=r,=r,=r,r", [w],
                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
@@ -575,10 +570,24 @@ def _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k0, BK: tl.constexpr,
 
 
 @triton.jit
+def _int4_lo_cols(k0, BK: tl.constexpr, GROUP: tl.constexpr, IN_ORDER: tl.constexpr):
+    """The columns of the low nibbles of the int4 chunk at k0, [groups, GROUP / 2] like the
+    chunk's bytes (_load_w); the high nibbles' are 16 further on (quantize.pack_int4: pair i
+    of each 32 columns holds columns i and 16 + i, a word's pairs stored 0, 2, 1, 3).
+    IN_ORDER: the bytes went through a PTX converter, which undoes that order; else they are
+    used as stored."""
+    pair = tl.arange(0, GROUP // 2)
+    if not IN_ORDER:
+        pair = (pair // 4) * 4 + (pair % 2) * 2 + (pair // 2) % 2
+    grp = k0 // GROUP + tl.arange(0, BK // GROUP)
+    return grp[:, None] * GROUP + ((pair // 16) * 32 + pair % 16)[None, :]
+
+
+@triton.jit
 def _int4_terms(w, scale, zero):
     """A packed int4 chunk (_load_w's layout) and its groups' scales and zero points
-    (_group_params) -> (code - zero) of its low nibbles (even columns) and high nibbles (odd
-    columns) in fp32 (the maths of quantize.dequantize)."""
+    (_group_params) -> (code - zero) of its low and high nibbles (columns: _int4_lo_cols) in
+    fp32 (the maths of quantize.dequantize)."""
     # code + 2^23 - (zero + 2^23) = code - zero, exactly.
     lo = _as_f32_plus_magic(w & 15) - (zero + MAGIC)[:, :, None]
     hi = _as_f32_plus_magic(w >> 4) - (zero + MAGIC)[:, :, None]
@@ -601,15 +610,11 @@ def _chunk_mv(w, x_ptr, z_ptr, scale, zero, K, k0,
     F16_CODES: tl.constexpr = PTX and tl.float32 != CDT
     XDT: tl.constexpr = x_ptr.dtype.element_ty
     if WBITS == 4:
-        # x^T as [groups, pairs, BP, 2]: split into the even and odd columns.
-        grp = k0 // GROUP + tl.arange(0, BK // GROUP)
-        pairs = tl.arange(0, GROUP // 2)
-        if F16_CODES and ZERO_POINTS == ZP_OFFSET_SUMS:  # the converter's order: 0, 2, 1, 3
-            pairs = (pairs // 4) * 4 + (pairs % 2) * 2 + (pairs // 2) % 2
-        cols = (grp[:, None, None, None] * GROUP + 2 * pairs[None, :, None, None]
-                + tl.arange(0, 2)[None, None, None, :])
-        seq = tl.arange(0, BP)[None, None, :, None]
-        xe, xo = tl.split(_load_xt(x_ptr, seq, cols, K, B))
+        # x^T as [groups, pairs, BP] for the low nibbles and for the high ones.
+        lo_cols = _int4_lo_cols(k0, BK, GROUP, F16_CODES)[:, :, None]
+        seq = tl.arange(0, BP)[None, None, :]
+        xe = _load_xt(x_ptr, seq, lo_cols, K, B)
+        xo = _load_xt(x_ptr, seq, lo_cols + 16, K, B)
         offsets = 0.0
         if ZERO_POINTS == ZP_OFFSET_SUMS:
             # The codes with their operand offsets (INT4_RAW_ASM), whose share of the sums
@@ -673,11 +678,9 @@ def _chunk_fma(acc, w, x_ptr, scale, zero, K, k0, BK: tl.constexpr, WBITS: tl.co
     multiply-adds themselves."""
     if WBITS == 4:
         lo, hi = _int4_terms(w, scale, zero)
-        # x as [groups, pairs, 2]: contiguous loads, split into the even and odd columns.
-        grp = k0 // GROUP + tl.arange(0, BK // GROUP)
-        cols = (grp[:, None, None] * GROUP + 2 * tl.arange(0, GROUP // 2)[None, :, None]
-                + tl.arange(0, 2)[None, None, :])
-        xe, xo = tl.split(_load_x(x_ptr, cols, K))
+        lo_cols = _int4_lo_cols(k0, BK, GROUP, False)  # (no converter here)
+        xe = _load_x(x_ptr, lo_cols, K)
+        xo = _load_x(x_ptr, lo_cols + 16, K)
         acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * scale[:, :, None]
     else:
         x = _load_x(x_ptr, k0 + tl.arange(0, BK), K)
@@ -841,15 +844,17 @@ def _publish_inputs(h_ptr, g_ptr, rows, row_mask, B: tl.constexpr, BP: tl.conste
 def _store_offset_sums(osum_ptr, x, first, mask, N: tl.constexpr):
     """For the int4 GEMVs with offset sums (INT4_RAW_ASM) that will read x [R, N] (as they
     read it: stored and back in fp32, zeros where nothing is): per OSUM_COLS columns, the sum
-    of x times the offset its code's operand carries (INT4_OFF_EVEN on even columns,
-    INT4_OFF_ODD on odd ones; each row's first column is even), to osum_ptr + first [R] + j
-    for the j-th run of OSUM_COLS columns where mask [R, N / OSUM_COLS]."""
+    of x times the offset its codes' operands carry, to osum_ptr + first [R] + j for the j-th
+    run of OSUM_COLS columns where mask [R, N / OSUM_COLS]. Low nibbles (INT4_OFF_LO) meet
+    the even runs of a row, high nibbles (INT4_OFF_HI) the odd ones (_int4_lo_cols); a row
+    has an even number of runs (int4 inputs are whole groups of 32), so the parity of the
+    index in osum is the run's."""
     R: tl.constexpr = x.shape[0]
     NB: tl.constexpr = N // OSUM_COLS
-    odd = tl.arange(0, N) % 2
-    x = x * tl.where(odd == 1, INT4_OFF_ODD, INT4_OFF_EVEN)[None, :]
+    run = first[:, None] + tl.arange(0, NB)[None, :]
     sums = tl.sum(tl.reshape(x, [R, NB, OSUM_COLS]), axis=2)
-    tl.store(osum_ptr + first[:, None] + tl.arange(0, NB)[None, :], sums, mask=mask)
+    sums *= tl.where(run % 2 == 0, INT4_OFF_LO, INT4_OFF_HI)
+    tl.store(osum_ptr + run, sums, mask=mask)
 
 
 @triton.jit

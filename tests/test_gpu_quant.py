@@ -21,6 +21,8 @@ from flashformer_triton.weights import pack_weights
 pytestmark = pytest.mark.gpu
 
 MAX_SEQ = 1024
+# Batch > 1 runs the GEMVs as 3-D dots over the batch (other operand layouts, other loops).
+BATCH_POSITIONS = (100, 311, 512, 700)
 SCHEMES = {"int8": QuantScheme(8), "int4-g128": QuantScheme(4, 128),
            "int4-g64-asym": QuantScheme(4, 64, symmetric=False)}
 # The plans each scheme is checked with: symmetric int4 in both forms of its GEMV, and with
@@ -44,8 +46,9 @@ def quantized(request):
     weights = pack_weights(config, state, dtype=torch.bfloat16, device="cuda")
     ref_dtype, tolerance = ORACLE[shape]
     ref_config = dataclasses.replace(config, tie_word_embeddings=False)  # own (quantized) head
-    ref = ReferenceModel(ref_config, dequantize_state(state, torch.float32), max_batch_size=1,
-                         max_seq_len=MAX_SEQ, dtype=ref_dtype, device="cuda")
+    ref = ReferenceModel(ref_config, dequantize_state(state, torch.float32),
+                         max_batch_size=len(BATCH_POSITIONS), max_seq_len=MAX_SEQ,
+                         dtype=ref_dtype, device="cuda")
     del state
     torch.cuda.empty_cache()
     yield config, weights, ref, tolerance, PLANS.get(scheme, [{}])
@@ -53,22 +56,38 @@ def quantized(request):
     torch.cuda.empty_cache()
 
 
-def test_quantized_real_shape_matches_reference(quantized) -> None:
-    config, weights, ref, tolerance, plans = quantized
-    pos = 512
-    gen = torch.Generator(device="cuda").manual_seed(pos)
-    k, v = (torch.empty(ref.cache.k.shape, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+def _check_step(config, weights, ref, tolerance, positions: tuple[int, ...], plans) -> None:
+    """One decode step of len(positions) sequences (random caches up to each position) in
+    each plan, against the reference model's step on the same caches."""
+    batch = len(positions)
+    gen = torch.Generator(device="cuda").manual_seed(sum(positions))
+    shape = (config.num_layers, batch, *ref.cache.k.shape[2:])
+    k, v = (torch.empty(shape, dtype=torch.bfloat16, device="cuda") for _ in "kv")
     for mine, theirs in ((k, ref.cache.k), (v, ref.cache.v)):
-        mine[:, :, :, : pos + 1].normal_(generator=gen)
-        theirs[:, :, :, : pos + 1].copy_(mine[:, :, :, : pos + 1])
-    ids = torch.randint(0, config.vocab_size, (1,), device="cuda", generator=gen)
-    want = ref(ids[:, None], torch.tensor([pos], device="cuda"))[:, 0]
+        for b, pos in enumerate(positions):
+            mine[:, b, :, : pos + 1].normal_(generator=gen)
+            theirs[:, b, :, : pos + 1].copy_(mine[:, b, :, : pos + 1])
+    ids = torch.randint(0, config.vocab_size, (batch,), device="cuda", generator=gen)
+    pos = torch.tensor(positions, device="cuda", dtype=torch.int32)
+    want = ref(ids[:, None], pos.long())[:, 0]
     for tiles in plans:
-        plan = make_plan(config, batch=1, max_seq_len=MAX_SEQ, quant=weights.scheme, **tiles)
+        plan = make_plan(config, batch=batch, max_seq_len=MAX_SEQ, quant=weights.scheme,
+                         **tiles)
         runtime = DecodeRuntime(config, weights, plan, k, v)
         for buf in runtime.workspaces().values():
             buf.fill_(float("nan"))
-        out = runtime.step(ids.int(), torch.tensor([pos], device="cuda", dtype=torch.int32))
+        out = runtime.step(ids.int(), pos)
         assert_close(out, want, rtol_norm=tolerance,
-                     name=f"{config.family} {plan.quant.describe()} {tiles}")
+                     name=f"{config.family} batch {batch} {plan.quant.describe()} {tiles}")
         del runtime
+
+
+def test_quantized_real_shape_matches_reference(quantized) -> None:
+    config, weights, ref, tolerance, plans = quantized
+    _check_step(config, weights, ref, tolerance, (512,), plans)
+
+
+def test_quantized_batch_matches_reference(quantized) -> None:
+    config, weights, ref, tolerance, plans = quantized
+    _check_step(config, weights, ref, tolerance, BATCH_POSITIONS,
+                [tiles for tiles in plans if "next_hint" not in tiles])

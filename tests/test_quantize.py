@@ -21,6 +21,7 @@ from flashformer_triton.config import ModelConfig, preset
 from flashformer_triton.loading import random_state_dict
 from flashformer_triton.plan import make_plan
 from flashformer_triton.quantize import (
+    INT4_LAYOUT,
     LAYER_LINEARS,
     QuantizedLinear,
     QuantScheme,
@@ -99,13 +100,25 @@ def test_quantizing_dequantized_weights_is_idempotent(scheme: str) -> None:
     assert torch.equal(again.qweight, ql.qweight) and torch.equal(again.scales, ql.scales)
 
 
-def test_int4_packing_is_two_adjacent_columns_per_byte() -> None:
+@pytest.mark.parametrize("position,block,pair", [(0, 0, 0), (1, 0, 2), (2, 0, 1), (7, 0, 7),
+                                                 (9, 1, 10), (14, 1, 13)])
+def test_int4_packing_pairs_columns_i_and_16_plus_i(position: int, block: int,
+                                                     pair: int) -> None:
+    """pack_int4's layout: in each block of 32 columns (16 bytes), pair i holds column i and
+    16 + i; each word's pairs are stored in the order 0, 2, 1, 3."""
     q = torch.randint(0, 16, (5, 64), generator=torch.Generator().manual_seed(2),
                       dtype=torch.uint8)
     packed = pack_int4(q)
     assert packed.shape == (5, 32)
-    assert torch.equal(packed[:, 3] & 0xF, q[:, 6]) and torch.equal(packed[:, 3] >> 4, q[:, 7])
+    byte = packed[:, 16 * block + position]
+    assert torch.equal(byte & 0xF, q[:, 32 * block + pair])
+    assert torch.equal(byte >> 4, q[:, 32 * block + 16 + pair])
     assert torch.equal(unpack_int4(packed), q)
+
+
+def test_int4_packing_needs_whole_blocks() -> None:
+    with pytest.raises(ValueError, match="whole blocks of 32 columns"):
+        pack_int4(torch.zeros(2, 48, dtype=torch.uint8))
 
 
 def test_all_zero_rows_quantize_to_zero() -> None:
@@ -238,13 +251,14 @@ def test_ptx_code_converters_are_exact_for_every_byte(signed: bool) -> None:
     # One warp: eight bytes a thread, so each packed run of four is four adjacent bytes, as in
     # the kernel's chunks.
     convert[(1,)](codes, lo, hi, i8, raw_lo, raw_hi, SIGNED=signed, num_warps=1)
-    offset = 8 if signed else 0
-    assert torch.equal(lo, ((codes & 15).float() - offset).half())
-    assert torch.equal(hi, ((codes >> 4).float() - offset).half())
     assert torch.equal(i8, codes.view(torch.int8).half())
-    # The offset-sum converter: the codes plus 1024 (low) and 64 (high), each run of four
-    # bytes in the order 0, 2, 1, 3.
+    # The int4 converters take each word's bytes in the order 0, 2, 1, 3 (the order
+    # pack_int4 stores a word's pairs in), minus the zero point or plus the offset-sum
+    # converter's 1024 (low nibbles) and 64 (high).
     order = (torch.arange(256, device="cuda").view(-1, 4)[:, [0, 2, 1, 3]]).reshape(-1)
+    offset = 8 if signed else 0
+    assert torch.equal(lo, ((codes[order] & 15).float() - offset).half())
+    assert torch.equal(hi, ((codes[order] >> 4).float() - offset).half())
     assert torch.equal(raw_lo, ((codes[order] & 15).float() + 1024).half())
     assert torch.equal(raw_hi, ((codes[order] >> 4).float() + 64).half())
 
@@ -449,6 +463,22 @@ def test_quantized_state_dict_round_trip() -> None:
     # Hugging Face names give the dequantized weights.
     hf = a.hf_state_dict()
     assert hf["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", [None, 1, 3])
+def test_int4_state_dict_of_another_layout_is_refused(layout: int | None) -> None:
+    """An int4 arena packed in another layout (None: by a version before the key) would
+    decode to wrong weights: load_state_dict refuses it."""
+    kw = dict(device=DEVICE, quantize="int4", group_size=32, max_seq_len=32)
+    model = FlashFormer.from_preset("tiny", seed=1, **kw)
+    sd = model.state_dict()
+    assert int(sd["int4_layout"]) == INT4_LAYOUT
+    if layout is None:
+        del sd["int4_layout"]
+    else:
+        sd["int4_layout"] = torch.tensor(layout)
+    with pytest.raises(ValueError, match=f"packed in layout {layout or 1}.*reads layout 2"):
+        model.load_state_dict(sd)
 
 
 def test_quantize_on_a_prequantized_state_with_another_scheme_is_refused() -> None:

@@ -39,7 +39,7 @@ from torch import Tensor
 from flashformer_triton.config import PRESETS, ModelConfig, UnsupportedModelError, preset
 from flashformer_triton.loading import _check_dtype, load_checkpoint, random_state_dict
 from flashformer_triton.plan import GpuSpec, Plan, make_plan
-from flashformer_triton.quantize import QuantizedLinear, QuantScheme
+from flashformer_triton.quantize import INT4_LAYOUT, QuantizedLinear, QuantScheme
 from flashformer_triton.reference import KVCache, apply_rope, rms_norm, rope_cos_sin
 from flashformer_triton.runtime import (
     DecodeRuntime,
@@ -265,6 +265,9 @@ class FlashFormer(torch.nn.Module):
         else:  # the kernel takes a pointer either way; a placeholder, not a weight
             self.register_buffer("qkv_bias", packed.qkv_bias, persistent=False)
         self.register_buffer("inv_freq", packed.inv_freq, persistent=False)
+        if q and q.bits == 4:  # saved, so that a state_dict of another layout is refused
+            self.register_buffer("int4_layout", torch.tensor(INT4_LAYOUT))
+            self.register_load_state_dict_pre_hook(FlashFormer._check_int4_layout)
         del packed
         self.cache = KVCache(config, max_batch_size, max_seq_len, dtype, dev)
         self._loops: OrderedDict[tuple, _Loop] = OrderedDict()
@@ -448,6 +451,17 @@ class FlashFormer(torch.nn.Module):
         if probe.device != device:
             self._build_runtime()  # new plan for the new chip, new kernel buffers
         return self
+
+    def _check_int4_layout(self, state_dict, prefix, *args) -> None:
+        got = state_dict.get(prefix + "int4_layout")
+        if got is None or int(got) != INT4_LAYOUT:
+            layout = 1 if got is None else int(got)
+            raise ValueError(
+                f"this state_dict's int4 arena is packed in layout {layout}, and this version "
+                f"of flashformer_triton reads layout {INT4_LAYOUT} (quantize.pack_int4): "
+                f"rebuild the model from its weights instead (hf_state_dict() or "
+                f"save_pretrained() with the version that wrote it, then from_pretrained)"
+            )
 
     def _after_load(self, incompatible_keys) -> None:
         q = self.quant

@@ -8,9 +8,13 @@ the whole row), and for asymmetric schemes a zero point per group:
 
 * int8: symmetric, per output channel. ``q`` int8 in [-127, 127], zero 0.
 * int4: group-wise (G = 32, 64 or 128), ``q`` in [0, 15] with zero 8 (symmetric) or a per-group
-  zero point in [0, 15] (asymmetric). Two values per byte: byte ``j`` of a row holds column
-  ``2j`` in its low nibble and column ``2j + 1`` in its high nibble, so a run of bytes is a run
-  of columns and the kernel streams rows exactly as it does bf16 ones.
+  zero point in [0, 15] (asymmetric). Two values per byte, in blocks of 32 columns (16 bytes)
+  that the kernel streams like any run of a row: pair ``i`` of a block holds its column ``i``
+  in the low nibble and column ``16 + i`` in the high nibble, and the four pairs of each
+  4-byte word are stored in the order 0, 2, 1, 3 (``pack_int4``). Why: the kernel's
+  converter spreads a word's nibbles with one shift, which yields its bytes in that order
+  (so they come out in column order), and a word's low and high nibbles then meet two
+  contiguous runs of x (kernels/decode.py ``_int4_lo_cols``).
 
 Scales are fp16 (as in GPTQ/AWQ checkpoints, so theirs convert exactly), zero points uint8.
 This module is the plain-torch statement of that maths: ``dequantize`` is what the kernel
@@ -141,18 +145,34 @@ class QuantizedLinear:
         return dequantize(self, dtype)
 
 
+INT4_BLOCK = 32  # columns per packed block (16 bytes)
+# pack_int4's layout, as stored in a FlashFormer state_dict ("int4_layout"): 1 was columns
+# 2j and 2j + 1 in byte j (before session 22), 2 is the layout below.
+INT4_LAYOUT = 2
+
+
+def _stored_pairs() -> Tensor:
+    """For each of a block's 16 byte positions, the pair it holds: each word's pairs in the
+    order 0, 2, 1, 3 (a swap of the index's two low bits, so its own inverse)."""
+    p = torch.arange(INT4_BLOCK // 2)
+    return (p & ~3) | ((p & 1) << 1) | ((p >> 1) & 1)
+
+
 def pack_int4(q: Tensor) -> Tensor:
-    """uint8 [out, in] values 0..15 -> [out, in // 2]: column 2j low nibble, 2j + 1 high."""
-    if q.shape[-1] % 2:
-        raise ValueError(f"int4 packing needs an even number of columns, got {q.shape[-1]}")
-    q = q.to(torch.uint8)
-    return q[..., 0::2] | (q[..., 1::2] << 4)
+    """uint8 [out, in] values 0..15 -> [out, in // 2] in blocks of 32 columns: pair i holds
+    column i (low nibble) and 16 + i (high), the pairs of each word stored 0, 2, 1, 3."""
+    if q.shape[-1] % INT4_BLOCK:
+        raise ValueError(f"int4 packing needs whole blocks of {INT4_BLOCK} columns, got "
+                         f"{q.shape[-1]} (int4 group sizes are multiples of {INT4_BLOCK})")
+    q = q.to(torch.uint8).reshape(*q.shape[:-1], -1, 2, INT4_BLOCK // 2)
+    pairs = q[..., 0, :] | (q[..., 1, :] << 4)
+    return pairs[..., _stored_pairs()].reshape(*q.shape[:-3], -1)
 
 
 def unpack_int4(packed: Tensor) -> Tensor:
     """The inverse of ``pack_int4``: uint8 [out, in // 2] -> uint8 [out, in]."""
-    low, high = packed & 0xF, packed >> 4
-    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)
+    blocks = packed.reshape(*packed.shape[:-1], -1, INT4_BLOCK // 2)[..., _stored_pairs()]
+    return torch.cat([blocks & 0xF, blocks >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
 
 
 def _fp16_scale(scale: Tensor) -> Tensor:
