@@ -400,10 +400,11 @@ def _int8_to_f16(w):
 # in nine instructions: one shift lines bytes 1 and 3 up under bytes 0 and 2 (_INT4_SPREAD),
 # masks put each low nibble under the fp16 exponent of 1024 and each high nibble (4 bits up)
 # under that of 64, and four packed subtracts take those off with the zero point, exactly.
-# The shift pairs bytes 0 with 2 and 1 with 3, so a word's bytes come out in the order 0, 2,
-# 1, 3: pack_int4 stores them in that order, so they come out in column order. (Two byte
-# permutes instead of the shift kept the stored order plain, for a tenth more instructions in
-# the int4 loops; bench/NOTES.md Q38.)
+# The shift pairs bytes 0 with 2 and 1 with 3, so the codes come out in the byte order 0, 2,
+# 1, 3; pack_int4 stores each word's column pairs in that order, so they come out in column
+# order. (The layout before, columns 2j and 2j + 1 in byte j, took two byte permutes a word
+# and split x into even and odd columns: 8B int4 0.4-0.6% slower at batch 1, spills at batch
+# 4 and 16; bench/NOTES.md Q38.)
 _INT4_SPREAD = """
         shr.b32 t, $4, 8;
         lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;

@@ -89,5 +89,6 @@ def test_quantized_real_shape_matches_reference(quantized) -> None:
 
 def test_quantized_batch_matches_reference(quantized) -> None:
     config, weights, ref, tolerance, plans = quantized
+    # (next_hint is a batch-1 tile: no default turns it on for batch > 1.)
     _check_step(config, weights, ref, tolerance, BATCH_POSITIONS,
                 [tiles for tiles in plans if "next_hint" not in tiles])
