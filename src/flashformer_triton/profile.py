@@ -126,6 +126,11 @@ def summarize(plan: Plan, records: torch.Tensor) -> Summary:
 LAYER_OPS = (Op.QKV, Op.ATTN, Op.OPROJ, Op.GATEUP, Op.DOWN)
 
 
+def _layer_start(tasks: _Tasks, layer: int) -> float:
+    """The layer's first QKV task start (us): where its stage windows and profile begin."""
+    return float(tasks.start[(tasks.op == int(Op.QKV)) & (tasks.layer == layer)].min())
+
+
 @dataclass(frozen=True)
 class StageWindow:
     """When one op's tasks of a layer ran, in us from the layer's first QKV task start
@@ -157,11 +162,11 @@ def stage_windows(plan: Plan, records: torch.Tensor,
     start, ready, end, ops, task_layer = tasks.start, tasks.ready, tasks.end, tasks.op, tasks.layer
     n = plan.config.num_layers
     layers = list(layers if layers is not None else range(n // 4, max(n // 4 + 1, 3 * n // 4)))
+    bases = [(layer, _layer_start(tasks, layer)) for layer in layers]
     windows = []
     for op in LAYER_OPS:
         rows = []
-        for layer in layers:
-            base = float(start[(ops == int(Op.QKV)) & (task_layer == layer)].min())
+        for layer, base in bases:
             sel = (ops == int(op)) & (task_layer == layer)
             first_ready, last_end = float(ready[sel].min()), float(end[sel].max())
             rows.append([int(sel.sum()), float(start[sel].min()) - base, first_ready - base,
@@ -183,7 +188,7 @@ def bandwidth_profile(plan: Plan, records: torch.Tensor, layer: int, *,
         raise ValueError(f"layer={layer} must lie in [0, {plan.config.num_layers})")
     tasks = _tasks(plan, records)
     start, ready, end, ops, task_layer = tasks.start, tasks.ready, tasks.end, tasks.op, tasks.layer
-    base = float(start[(ops == int(Op.QKV)) & (task_layer == layer)].min())
+    base = _layer_start(tasks, layer)
     stop = float(end[(ops == int(Op.DOWN)) & (task_layer == layer)].max())
     rate = tasks.weight_bytes / (end - ready).clamp(min=1e-3)  # bytes per us
     profile = []
