@@ -192,6 +192,21 @@ def _signal(counters_ptr, counter, DEFER_SIGNAL: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(tile, BN: tl.constexpr, N):
+    """The rows of row tile `tile` of an [N, ?] matrix (O-proj, down, LM head), and which of
+    them exist."""
+    rows = tile * BN + tl.arange(0, BN)
+    return rows, rows < N
+
+
+@triton.jit
+def _qkv_rows(head, chunk, HD: tl.constexpr, BN_QKV: tl.constexpr, QKV_ROWS: tl.constexpr):
+    """The rows of QKV task (head, chunk) in the stacked [q; k; v] matrix, and which exist."""
+    rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
+    return rows, rows < QKV_ROWS
+
+
+@triton.jit
 def _gate_up_rows(tile, BN_UP: tl.constexpr, F: tl.constexpr):
     """The rows of gate/up tile `tile` in the stacked [gate; up] matrix, gate row f and up row
     f interleaved (so one tile yields both halves of SwiGLU), and their f indices."""
@@ -936,8 +951,7 @@ def _qkv(layer, head, chunk, w_first, s_first, z_first, w_ptr, s_ptr, z_ptr, nor
     rows, as the attention merge does) norms, rotates and stores the whole head."""
     QKV_ROWS: tl.constexpr = (H + 2 * KVH) * HD
     QK_ROWS: tl.constexpr = (H + KVH) * HD  # query and key rows: qk_raw's width
-    rows = head * HD + chunk * BN_QKV + tl.arange(0, BN_QKV)
-    row_mask = rows < QKV_ROWS
+    rows, row_mask = _qkv_rows(head, chunk, HD, BN_QKV, QKV_ROWS)
     dims = chunk * (BN_QKV // 2) + tl.arange(0, BN_QKV // 2)
     if BP <= EARLY_LOADS_MAX_BP:  # before the stream
         ss = _load_ss(ss_ptr, B, BP, PARTS, PARTS_P)
@@ -1163,8 +1177,7 @@ def _residual_task(tile, part, w_ptr, s_ptr, z_ptr, K, x_ptr, h_ptr, xn_ptr, ss_
     publishes the rows and signals."""
     KPART: tl.constexpr = K // SPLITS
     OFFSET_SUMS: tl.constexpr = ZERO_POINTS == ZP_OFFSET_SUMS
-    rows = tile * BN + tl.arange(0, BN)
-    row_mask = rows < D
+    rows, row_mask = _tile_rows(tile, BN, D)
     k_lo = part * KPART
     w0, s0, z0 = _load_first(w_ptr, s_ptr, z_ptr, rows, row_mask, K, k_lo, BK, WBITS, GROUP,
                              ZERO_POINTS, SCALE_WORDS, USE_DOT, KSPLIT, PF_K)
@@ -1297,11 +1310,10 @@ def decode_step_kernel(
 
         sig = -1  # the counter this task publishes (DEFER_SIGNAL: the task loop does)
         if op == OP_QKV:
-            rows_qkv = a * HD + b * BN_QKV + tl.arange(0, BN_QKV)
-            w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, z_qkv, rows_qkv,
-                                                 rows_qkv < QKV_ROWS, D, 0, BK_QKV, WBITS,
-                                                 GROUP, ZERO_POINTS, SCALE_WORDS, USE_DOT,
-                                                 KSPLIT_QKV, PF_K)
+            rows_qkv, mask_qkv = _qkv_rows(a, b, HD, BN_QKV, QKV_ROWS)
+            w0_qkv, s0_qkv, z0_qkv = _load_first(layer_w, layer_s, z_qkv, rows_qkv, mask_qkv, D,
+                                                 0, BK_QKV, WBITS, GROUP, ZERO_POINTS,
+                                                 SCALE_WORDS, USE_DOT, KSPLIT_QKV, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 sig = _qkv(layer, a, b, w0_qkv, s0_qkv, z0_qkv, layer_w, layer_s, z_qkv,
@@ -1377,15 +1389,15 @@ def decode_step_kernel(
                                  PROFILE, WBITS, GROUP, ZERO_POINTS, SCALE_WORDS, CDT, KSPLIT, PTX,
                                  EARLY_PROBE, ACQUIRE_FENCE, DEFER_SIGNAL)
         elif op == OP_LMHEAD:
-            rows_lm = a * BN_LM + tl.arange(0, BN_LM)
-            w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm,
-                                              rows_lm < V, D, 0, BK, LM_WBITS, GROUP, ZERO_POINTS,
+            rows_lm, mask_lm = _tile_rows(a, BN_LM, V)
+            w0_lm, s0_lm, z0_lm = _load_first(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm, mask_lm,
+                                              D, 0, BK, LM_WBITS, GROUP, ZERO_POINTS,
                                               SCALE_WORDS, USE_DOT, KSPLIT, PF_K)
             if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
                      probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
                 if BP <= EARLY_LOADS_MAX_BP:  # before the stream
                     ss_lm = _load_ss(ss_mlp_ptr, B, BP, PARTS_DOWN, PARTS_DOWN_P)
-                acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm, rows_lm < V,
+                acc_lm = _gemv(lm_head_ptr, lm_scales_ptr, z_lm, rows_lm, mask_lm,
                                D, 0, D, w0_lm, s0_lm, z0_lm, xn_mlp_ptr, B, BP, BN_LM, BK,
                                USE_DOT, DOT_PREC, STAGES, LM_WBITS, GROUP, ZERO_POINTS,
                                SCALE_WORDS, CDT, KSPLIT, PTX)
@@ -1410,26 +1422,26 @@ def decode_step_kernel(
                 n_op, n_layer, n_a, n_b, _c, _wait_ctr, _target, _signal_ctr, _aux = fields
                 n_w = arena_ptr + n_layer.to(tl.int64) * LAYER_STRIDE
                 n_s = scales_ptr + n_layer.to(tl.int64) * SCALE_STRIDE
+                # Each op's first chunk, with the rows its own branch above takes.
                 if n_op == OP_QKV:
-                    n_rows = n_a * HD + n_b * BN_QKV + tl.arange(0, BN_QKV)
-                    _hint_first(n_w, n_s, n_rows, n_rows < QKV_ROWS, D, 0, BK_QKV, WBITS, GROUP,
-                                NEXT_HINT)
+                    n_rows, n_mask = _qkv_rows(n_a, n_b, HD, BN_QKV, QKV_ROWS)
+                    _hint_first(n_w, n_s, n_rows, n_mask, D, 0, BK_QKV, WBITS, GROUP, NEXT_HINT)
                 elif n_op == OP_GATEUP:
                     n_rows, n_f = _gate_up_rows(n_a, BN_UP, F)
                     _hint_first(n_w + OFF_GU, n_s + SOFF_GU, n_rows, n_f < F, D, 0, BK, WBITS,
                                 GROUP, NEXT_HINT)
                 elif n_op == OP_OPROJ:
-                    n_rows = n_a * BN_O + tl.arange(0, BN_O)
-                    _hint_first(n_w + OFF_O, n_s + SOFF_O, n_rows, n_rows < D, Q, 0, BK, WBITS,
+                    n_rows, n_mask = _tile_rows(n_a, BN_O, D)
+                    _hint_first(n_w + OFF_O, n_s + SOFF_O, n_rows, n_mask, Q, 0, BK, WBITS,
                                 GROUP, NEXT_HINT)
-                elif n_op == OP_DOWN:
-                    n_rows = n_a * BN_DOWN + tl.arange(0, BN_DOWN)
-                    _hint_first(n_w + OFF_DOWN, n_s + SOFF_DOWN, n_rows, n_rows < D, F,
+                elif n_op == OP_DOWN:  # part n_b of the columns (_residual_task's k_lo)
+                    n_rows, n_mask = _tile_rows(n_a, BN_DOWN, D)
+                    _hint_first(n_w + OFF_DOWN, n_s + SOFF_DOWN, n_rows, n_mask, F,
                                 n_b * (F // DOWN_SPLITS), BK, WBITS, GROUP, NEXT_HINT)
                 elif n_op == OP_LMHEAD:
-                    n_rows = n_a * BN_LM + tl.arange(0, BN_LM)
-                    _hint_first(lm_head_ptr, lm_scales_ptr, n_rows, n_rows < V, D, 0, BK,
-                                LM_WBITS, GROUP, NEXT_HINT)
+                    n_rows, n_mask = _tile_rows(n_a, BN_LM, V)
+                    _hint_first(lm_head_ptr, lm_scales_ptr, n_rows, n_mask, D, 0, BK, LM_WBITS,
+                                GROUP, NEXT_HINT)
             _release(counters_ptr, sig)
         if PROFILE:
             tl.store(prof_ptr + task * 5 + 4, _now(task))
