@@ -152,10 +152,10 @@ def test_summary_is_one_screen(plan) -> None:
                                                lm_rows=16, early_probe=1, next_hint=1)),
         # int4 at batch 1 on tensor cores: 32-row QKV, gate/up and LM-head tiles; QKV chunks
         # of about 16 KB of weights, as in the model dtype (not 8K elements); 32-row O-proj
-        # tiles, the early counter probe and the scales as words where that still gives a
-        # task per SM (8B, not 1B).
+        # tiles, 64-row LM-head tiles, the early counter probe and the scales as words where
+        # that still gives a task per SM (8B, not 1B).
         ("llama-3.1-8b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, qkv_block_k=512,
-                                               gate_up_rows=32, lm_rows=32, o_rows=32,
+                                               gate_up_rows=32, lm_rows=64, o_rows=32,
                                                down_rows=32, early_probe=1, next_hint=0,
                                                scale_words=1)),
         ("llama-3.2-1b", 1, "int4", 4096, dict(tensor_cores=1, qkv_rows=32, gate_up_rows=32,

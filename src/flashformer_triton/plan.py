@@ -255,13 +255,17 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     qkv_block_k = max(32, min(block_k, per_chunk // qkv_rows))
     if quant and quant.group_size:  # a chunk holds whole groups
         qkv_block_k = max(qkv_block_k, quant.group_size)
-    # Batch 1 on the FMA path accumulates a whole [rows, k-chunk] tile in registers
-    # (kernels/decode.py _chunk_fma): 32 LM-head rows of 512 columns spilled, 16 do not.
-    lm_rows = 32 if batch > 1 or wide_int4 else 16
     # Batch > 8: every task reads all of x (batch x k) next to its rows x k weights, so wider
     # O/down tiles halve that traffic where the stage still has a task per SM (8B and
     # Qwen3-8B at batch 16: 7.41 -> 6.71 and 9.09 -> 8.55 ms; 1B and batch 4-8: slower).
     wide = d // 32 >= gpu.num_sms * 0.9  # 32-row tiles still give a task per SM
+    # Batch 1 on the FMA path accumulates a whole [rows, k-chunk] tile in registers
+    # (kernels/decode.py _chunk_fma): 32 LM-head rows of 512 columns spilled, 16 do not.
+    # 8B int4 takes 64: the LM head keeps every program streaming, so half the tasks is half
+    # the start-ups (H100, same process: 2.008 -> 1.994 ms, and 1.993 -> 1.982 in another
+    # call; it spilled before the int4 layout of bench/NOTES.md Q38, now 246 registers and
+    # none; Q39).
+    lm_rows = 64 if wide_int4 and wide else 32 if batch > 1 or wide_int4 else 16
     # At batch > 8, 3B's 96 tasks of 32 rows for 132 SMs are still faster than 192 of 16
     # (with one kv split and 512-column hints: 3.393 -> 3.274 ms, bench/NOTES.md row 55);
     # 1B's 64 are not.
