@@ -451,7 +451,7 @@ ZP_FIXED = tl.constexpr(0)
 ZP_STORED = tl.constexpr(1)
 ZP_OFFSET_SUMS = tl.constexpr(2)
 
-# Symmetric int4 codes with no subtracts (tile offset_sums): _INT4_F16_ASM's masks alone,
+# Symmetric int4 codes with no subtracts (tile offset_sums): _INT4_SPREAD alone,
 # 1024 + code (low nibbles) and 64 + code (high), five instructions per 32-bit word instead
 # of nine. So the dot's sums carry, on top of sum((code - 8) x), sum(x) times 1032 (the low
 # nibbles' columns, the first 16 of every 32) or 72 (the high ones'): the producers of x
@@ -475,7 +475,7 @@ def _int4_raw_to_f16(w):
 def _int4_to_f16(w, SIGNED: tl.constexpr):
     """Packed int4 bytes -> (low, high) nibble codes in fp16, minus 8 when SIGNED (the
     symmetric scheme's fixed zero point), each word's bytes in column order
-    (_INT4_F16_ASM). GPU only (inline PTX)."""
+    (_int4_f16_asm). GPU only (inline PTX)."""
     if SIGNED:
         out = tl.inline_asm_elementwise(INT4_F16_SIGNED, "=r,=r,=r,=r,r", [w],
                                         dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
