@@ -185,6 +185,18 @@ def test_attention_kv_splits(batch: str, kv_splits: int) -> None:
     _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("lengths", [[40], [40, 3, 17]])
+def test_attention_splits_past_the_context(lengths: list[int]) -> None:
+    """Splits past a sequence's context (a cache longer than it) wait for nothing and store
+    no partial, and the merge takes only the splits that hold positions: the partials start
+    as NaN (kernel_step), so reading an empty split's would show. Four splits of 16-position
+    blocks: 40 positions leave three live, 3 leave one, 17 leave two."""
+    pair = _pair("llama", batch=len(lengths), dtype=torch.float32, max_seq_len=96,
+                 kv_splits=4, block_s=16)
+    assert pair.plan.constexprs()["NSPLIT"] == 4
+    _run_and_compare(pair, lengths, steps=2, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("plain_dot", [0, 1])
 def test_tensor_core_chunks_as_one_dot_or_column_blocks(plain_dot: int, dtype) -> None:
