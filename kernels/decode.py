@@ -1064,17 +1064,6 @@ def _store_attn(attn_ptr, osum_ptr, seq, kvh, out, H: tl.constexpr, KVH: tl.cons
 
 
 @triton.jit
-def _kv_split(pos, S_MAX: tl.constexpr, NSPLIT: tl.constexpr, BS: tl.constexpr):
-    """The cache positions a sequence at `pos` attends to (n_ctx) and each split's share of
-    them, in whole BS blocks: split s holds s * per_split .. n_ctx, at most per_split of
-    them, so the splits from cdiv(n_ctx, per_split) on hold none (a short context in a long
-    cache)."""
-    n_ctx = tl.minimum(pos + 1, S_MAX)
-    per_split = tl.cdiv(tl.cdiv(n_ctx, NSPLIT), BS) * BS
-    return n_ctx, per_split
-
-
-@triton.jit
 def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
                   part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_ptr,
                   B: tl.constexpr, H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr,
@@ -1089,7 +1078,8 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
     Stores the split's running max, sum and unnormalised output (part_*), or with NSPLIT 1
     the normalised output itself (attn)."""
     G: tl.constexpr = H // KVH
-    n_ctx, per_split = _kv_split(pos, S_MAX, NSPLIT, BS)
+    n_ctx = tl.minimum(pos + 1, S_MAX)
+    per_split = tl.cdiv(tl.cdiv(n_ctx, NSPLIT), BS) * BS
     start = split * per_split
     end = tl.minimum(start + per_split, n_ctx)
     g = tl.arange(0, GP)
@@ -1128,25 +1118,21 @@ def _attn_partial(layer, seq, kvh, split, pos, q_ptr, k_cache_ptr, v_cache_ptr,
 
 
 @triton.jit
-def _attn_merge(seq, kvh, pos, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_ptr,
+def _attn_merge(seq, kvh, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_ptr,
                 H: tl.constexpr, KVH: tl.constexpr, HD: tl.constexpr, GP: tl.constexpr,
-                S_MAX: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
-                BS: tl.constexpr, OFFSET_SUMS: tl.constexpr):
-    """Combine the splits that hold positions (_kv_split; the others stored nothing) into
-    attn[seq, heads of kvh], deterministically (a fixed reduction tree). The partials are
-    read in blocks of up to 8 splits, all requested at once (one L2 round trip for 8 splits,
-    where a loop over them made one round trip a split)."""
+                NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr, OFFSET_SUMS: tl.constexpr):
+    """Combine the splits into attn[seq, heads of kvh], deterministically (a fixed reduction
+    tree). The partials are read in blocks of up to 8 splits, all requested at once (one L2
+    round trip for 8 splits, where a loop over them made one round trip a split)."""
     G: tl.constexpr = H // KVH
     MB: tl.constexpr = NSPLIT_P if NSPLIT_P < 8 else 8
-    n_ctx, per_split = _kv_split(pos, S_MAX, NSPLIT, BS)
-    used = tl.cdiv(n_ctx, per_split)
     g = tl.arange(0, GP)
     d = tl.arange(0, HD)
     heads = kvh * G + g
     gmask = g < G
     rows = (seq * H + heads) * NSPLIT
     sp = tl.arange(0, NSPLIT_P)
-    mask2 = gmask[:, None] & (sp[None, :] < used)
+    mask2 = gmask[:, None] & (sp[None, :] < NSPLIT)
     ms = tl.load(part_m_ptr + rows[:, None] + sp[None, :], mask=mask2, other=float("-inf"),
                  cache_modifier=".cg")
     ls = tl.load(part_l_ptr + rows[:, None] + sp[None, :], mask=mask2, other=0.0,
@@ -1156,7 +1142,7 @@ def _attn_merge(seq, kvh, pos, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osu
     acc = tl.zeros([GP, HD], dtype=tl.float32)
     for s0 in tl.static_range(0, NSPLIT_P, MB):
         sb = s0 + tl.arange(0, MB)
-        mask_b = gmask[:, None] & (sb[None, :] < used)
+        mask_b = gmask[:, None] & (sb[None, :] < NSPLIT)
         m_s = tl.load(part_m_ptr + rows[:, None] + sb[None, :], mask=mask_b,
                       other=float("-inf"), cache_modifier=".cg")
         o_s = tl.load(part_o_ptr + (rows[:, None] + sb[None, :])[:, :, None] * HD
@@ -1339,27 +1325,20 @@ def decode_step_kernel(
                            DEFER_SIGNAL)
         elif op == OP_ATTN:
             pos_attn = tl.load(pos_ptr + a)  # the split's bounds need no round trip after the wait
-            # A split past the context (a cache longer than it) reads nothing: it waits for no
-            # queries and stores no partial, it only arrives (the merge skips it).
-            n_ctx, per_split = _kv_split(pos_attn, S_MAX, NSPLIT, BS)
-            live = c * per_split < n_ctx
-            if _wait(counters_ptr, ctrl_ptr, tl.where(live, wait_ctr, -1), wait_target, task,
-                     max_spin, prof_ptr, probe, IGNORE_DEPS, PROFILE, EARLY_PROBE,
-                     ACQUIRE_FENCE):
-                if live:
-                    _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
-                                  part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_attn_ptr, B,
-                                  H, KVH, HD, S_MAX, GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES,
-                                  DOT_PREC, OFFSET_SUMS)
+            if _wait(counters_ptr, ctrl_ptr, wait_ctr, wait_target, task, max_spin, prof_ptr,
+                     probe, IGNORE_DEPS, PROFILE, EARLY_PROBE, ACQUIRE_FENCE):
+                _attn_partial(layer, a, b, c, pos_attn, q_ptr, k_cache_ptr, v_cache_ptr,
+                              part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr, osum_attn_ptr, B, H,
+                              KVH, HD, S_MAX, GP, NSPLIT, SM_SCALE, BS, ATTN_STAGES, DOT_PREC,
+                              OFFSET_SUMS)
                 if NSPLIT == 1:  # one task per (sequence, kv head) wrote attn itself
                     sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
                 else:
                     # Publish the partial; the split that arrives last (acquiring the others')
                     # merges all of them and signals the layer's merge counter.
                     if _arrive(counters_ptr, aux_ctr) == NSPLIT - 1:
-                        _attn_merge(a, b, pos_attn, part_m_ptr, part_l_ptr, part_o_ptr,
-                                    attn_ptr, osum_attn_ptr, H, KVH, HD, GP, S_MAX, NSPLIT,
-                                    NSPLIT_P, BS, OFFSET_SUMS)
+                        _attn_merge(a, b, part_m_ptr, part_l_ptr, part_o_ptr, attn_ptr,
+                                    osum_attn_ptr, H, KVH, HD, GP, NSPLIT, NSPLIT_P, OFFSET_SUMS)
                         sig = _signal(counters_ptr, signal_ctr, DEFER_SIGNAL)
         elif op == OP_OPROJ:
             # Publishes h for the post-attention norm of this layer.

@@ -187,9 +187,9 @@ def test_attention_kv_splits(batch: str, kv_splits: int) -> None:
 
 @pytest.mark.parametrize("lengths", [[40], [40, 3, 17]])
 def test_attention_splits_past_the_context(lengths: list[int]) -> None:
-    """Splits past a sequence's context (a cache longer than it) wait for nothing and store
-    no partial, and the merge takes only the splits that hold positions: the partials start
-    as NaN (kernel_step), so reading an empty split's would show. Four splits of 16-position
+    """Several live splits merged, next to splits past a sequence's context (a cache longer
+    than it), whose empty partials the merge must weigh at zero: the partials start as NaN
+    (kernel_step), so a split that stored nothing would show. Four splits of 16-position
     blocks: 40 positions leave three live, 3 leave one, 17 leave two."""
     pair = _pair("llama", batch=len(lengths), dtype=torch.float32, max_seq_len=96,
                  kv_splits=4, block_s=16)

@@ -194,9 +194,9 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # O-proj: one cache block (block_s positions) per split (1B, 1024 cache: 4 -> 16 splits,
     # 1.083 -> 1.048 ms; batch 4 stays best at 4 splits, bench/NOTES.md row 42).
     # At batch 1 a power of two rounded up where that still fits the cap, so that a split
-    # holds one block at every position of the cache (8B int4 at a 576-position cache,
-    # position 512: 8 -> 16 splits, 2.033 -> 1.995 ms, bench/NOTES.md Q41). Splits past a
-    # short context cost little: they wait for nothing and store nothing (kernels/decode.py).
+    # holds one block at every position of the cache: a cache between two powers of two gets
+    # the splits of the larger (8B int4 at a 576-position cache, position 512: 8 -> 16
+    # splits, 2.033 -> 1.995 ms; bench/NOTES.md Q41).
     per_program = programs // (batch * config.num_kv_heads)
     per_split = Tiles.block_s if batch == 1 else 256
     cap = max(1, min(per_program, 64))
