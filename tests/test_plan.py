@@ -180,6 +180,15 @@ def test_summary_is_one_screen(plan) -> None:
         ("llama-3.2-1b", 16, None, 1024, dict(kv_splits=1)),
         ("llama-3.1-8b", 16, None, 1024, dict(kv_splits=1, o_rows=32)),
         ("llama-3.1-8b", 8, None, 1024, dict(kv_splits=4)),
+        # Batch 1: one 64-position block a split at every position of the cache, a power of
+        # two rounded up while it leaves a split a program (8 kv heads, 264 programs: 32).
+        ("llama-3.1-8b", 1, "int4", 576, dict(kv_splits=16)),
+        ("llama-3.1-8b", 1, None, 1024, dict(kv_splits=16)),
+        ("llama-3.1-8b", 1, None, 1100, dict(kv_splits=32)),
+        ("llama-3.1-8b", 1, None, 32064, dict(kv_splits=32)),
+        ("llama-3.2-1b", 1, None, 100, dict(kv_splits=2)),
+        # Batch > 1 rounds down, as before (256 positions a split at least).
+        ("llama-3.1-8b", 4, None, 576, dict(kv_splits=2)),
     ],
 )
 def test_default_tiles_on_an_h100(shape: str, batch: int, weights: str | None, cache: int,
