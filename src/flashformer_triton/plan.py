@@ -193,16 +193,17 @@ def default_tiles(config: ModelConfig, batch: int, max_seq_len: int, gpu: GpuSpe
     # are only kv heads x splits tasks and the attention is a latency chain between QKV and
     # O-proj: one cache block (block_s positions) per split (1B, 1024 cache: 4 -> 16 splits,
     # 1.083 -> 1.048 ms; batch 4 stays best at 4 splits, bench/NOTES.md row 42).
-    # At batch 1 a power of two rounded up where that still fits the cap, so that a split
-    # holds one block at every position of the cache: a cache between two powers of two gets
-    # the splits of the larger (8B int4 at a 576-position cache, position 512: 8 -> 16
-    # splits, 2.033 -> 1.995 ms; bench/NOTES.md Q41).
     per_program = programs // (batch * config.num_kv_heads)
-    per_split = Tiles.block_s if batch == 1 else 256
     cap = max(1, min(per_program, 64))
-    splits = max(1, min(cap, -(-max_seq_len // per_split) if batch == 1
-                        else max_seq_len // per_split))
-    splits = _pow2(splits) if batch == 1 and _pow2(splits) <= cap else _floor_pow2(splits)
+    if batch == 1:
+        # A power of two rounded up where that still fits the cap, so that a split holds one
+        # block at every position of the cache: a cache between two powers of two gets the
+        # splits of the larger (8B int4 at a 576-position cache, position 512: 8 -> 16
+        # splits, 2.033 -> 1.995 ms; bench/NOTES.md Q41).
+        splits = min(cap, -(-max_seq_len // Tiles.block_s))
+        splits = _pow2(splits) if _pow2(splits) <= cap else _floor_pow2(splits)
+    else:
+        splits = _floor_pow2(max(1, min(cap, max_seq_len // 256)))
     # Where that leaves at most two splits (batch 16 with 8 kv heads) and the cache is short,
     # one task per (sequence, kv head) writing its output itself beats two and their merge
     # (batch 16 at KV 512, 1024 cache: 1B 1.319 -> 1.304 ms, 3B 3.461 -> 3.332, 8B 6.587 ->
